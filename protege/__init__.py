@@ -1,0 +1,3 @@
+"""protege: robot imitation learning from demonstrations to sim and real arms."""
+
+__version__ = "0.1.0"

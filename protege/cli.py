@@ -1,0 +1,183 @@
+"""`protege train|eval|collect|inspect`.
+
+Jobs take hydra overrides (`protege train policy=bc task=pointmass train.steps=500`); data tools take
+plain arguments (`protege inspect data/push-v3.zarr`). Errors the user caused print one line and
+exit with status 2.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+USAGE = """usage: protege <command> [args]
+
+commands:
+  train   [overrides]                       train a policy (default: Diffusion Policy on Meta-World push-v3;
+                                            collects the demos first if missing), evaluate, checkpoint
+  eval    checkpoint=<dir> [overrides]      roll a checkpoint out; prints success_rate=<x>, writes eval.json
+  collect task=<name> n_episodes=N out=<p>  scripted-expert demonstrations -> replay buffer
+  inspect <buffer>                          episodes, keys, shapes, dtypes, fps of a replay buffer
+
+tasks: pointmass, pointmass_bimodal, metaworld (push-v3), or any Meta-World v3 name (task=door-open-v3)
+policies: diffusion, diffusion_paper, bc
+"""
+
+
+def configure_rendering() -> None:
+    """Use software OSMesa for MuJoCo offscreen rendering when it is installed and nothing else was
+    chosen. Must run before mujoco is imported; without libOSMesa state-only work still runs."""
+    if "MUJOCO_GL" not in os.environ and sys.platform.startswith("linux") and ctypes.util.find_library("OSMesa"):
+        os.environ["MUJOCO_GL"] = "osmesa"
+        os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+
+
+def _options(group: str) -> list[str]:
+    from protege.policies.base import CONFIG_DIR
+
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _expand_task(overrides: list[str]) -> list[str]:
+    """`task=<meta-world name>` -> `task=metaworld task.env.task=<name>` (no yaml per Meta-World task)."""
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "task" and value and value not in _options("task"):
+            from protege.envs.metaworld import task_names
+
+            if value in task_names():
+                out += ["task=metaworld", f"task.env.task={value}"]
+                continue
+            from protege.errors import ConfigError
+
+            raise ConfigError(f"unknown task {value!r}; expected one of {_options('task')} or a Meta-World v3 name "
+                              f"(e.g. {', '.join(task_names()[:4])}, ...)")
+        out.append(o)
+    return out
+
+
+def compose(config_name: str, overrides: list[str]) -> Any:
+    import hydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from protege.errors import ConfigError
+    from protege.policies.base import CONFIG_DIR
+
+    overrides = _expand_task(overrides)
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if not eq:
+            raise ConfigError(f"override {o!r}: expected key=value")
+        if key in ("task", "policy") and value not in _options(key):
+            raise ConfigError(f"unknown {key} {value!r}; expected one of {_options(key)}")
+    try:
+        with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return hydra.compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"config {config_name}.yaml: {str(e).splitlines()[0]}") from e
+
+
+def cmd_train(args: list[str]) -> int:
+    from omegaconf import open_dict
+
+    from protege.training.trainer import train
+
+    cfg = compose("train", args)
+    with open_dict(cfg):
+        if cfg.run_dir is None:
+            cfg.run_dir = str(Path("runs") / f"{cfg.task.name}-{cfg.policy.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    result = train(cfg)
+    print(f"run dir: {result['run_dir']}")
+    print(f"checkpoint: {result['checkpoint']}")
+    if "eval" in result:
+        ev = result["eval"]
+        if "video" in ev:
+            print(f"video: {ev['video']}")
+        print(f"eval.json: {Path(result['run_dir']) / 'eval.json'}")
+        print(f"success_rate={ev['success_rate']:.3f} n_episodes={ev['n_episodes']}")
+    return 0
+
+
+def cmd_eval(args: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from protege.errors import ConfigError
+    from protege.training import checkpoint as ckpt
+    from protege.training.trainer import run_eval, select_device
+
+    kv = dict(a.partition("=")[::2] for a in args)
+    if "checkpoint" not in kv:
+        raise ConfigError("protege eval: expected checkpoint=<checkpoint or run dir>")
+    ckpt_dir = ckpt.resolve_checkpoint(kv.pop("checkpoint"))
+    out = kv.pop("out", None)
+    cfg = ckpt.load_config(ckpt_dir)
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in kv.items()]))
+    except Exception as e:  # noqa: BLE001 - omegaconf raises several types for bad dotlists
+        raise ConfigError(f"protege eval: bad override: {e}") from e
+    policy = ckpt.load_policy(ckpt_dir, cfg, device=select_device(cfg.device))
+    # a checkpoint under <run>/checkpoints/step_N reports into <run>; a loose checkpoint into itself
+    run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
+    out_json = Path(out) if out else run_dir / "eval.json"
+    summary = run_eval(cfg, policy, out_json, video=cfg.eval.video)
+    print(f"eval.json: {out_json}")
+    if "video" in summary:
+        print(f"video: {summary['video']}")
+    print(f"success_rate={summary['success_rate']:.3f} n_episodes={summary['n_episodes']} mean_length={summary['mean_length']:.1f}")
+    return 0
+
+
+def cmd_collect(args: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from protege.envs.collect import collect
+
+    cfg = compose("collect", args)
+    buf = collect(cfg.task.env_id, OmegaConf.to_container(cfg.task.env, resolve=True), int(cfg.n_episodes), cfg.out,
+                  fps=cfg.task.fps, seed=int(cfg.seed), only_success=cfg.only_success)
+    print(buf.summary())
+    return 0
+
+
+def cmd_inspect(args: list[str]) -> int:
+    from protege.datasets.replay_buffer import ReplayBuffer
+    from protege.errors import ConfigError
+
+    if len(args) != 1:
+        raise ConfigError("usage: protege inspect <buffer>")
+    print(ReplayBuffer.open(args[0]).summary())
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "collect": cmd_collect, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"protege: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    configure_rendering()
+    from protege.errors import ProtegeError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ProtegeError as e:
+        print(f"protege {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"protege {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

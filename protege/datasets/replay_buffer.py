@@ -1,0 +1,350 @@
+"""Replay buffer: one zarr v3 group holding every episode, time-major.
+
+Layout (the data contract, see DESIGN.md)::
+
+    <root>/data/<key>          (T_total, ...) one array per key, all episodes concatenated
+    <root>/meta/episode_ends   (n_episodes,) int64, cumulative end index of each episode
+    attrs: protege_format, fps, kinds {key: state|action|image|language}, units, provenance
+
+Crash safety: `append_episode` writes (and fully validates) the data arrays first and only then
+extends `meta/episode_ends`. That last write is the commit point: a process killed at any moment
+leaves data arrays that may be longer than `episode_ends[-1]`; the tail is ignored on open and
+trimmed on the next append, so readers only ever see complete episodes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from protege.errors import DataError
+
+FORMAT_VERSION = 1
+KINDS = ("state", "action", "image", "language")
+# ~1 MB chunks along time: large enough for fast sequential reads, small enough that an append
+# (which rewrites the last partial chunk) stays cheap.
+TARGET_CHUNK_BYTES = 1 << 20
+
+
+def infer_kind(key: str, arr: np.ndarray) -> str:
+    """Default kind for a key: uint8 HWC arrays are images, `action` is action, `task` is language."""
+    if key == "action" or key.startswith("action/"):
+        return "action"
+    if key == "task":
+        return "language"
+    if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] in (1, 3, 4):
+        return "image"
+    return "state"
+
+
+def _store_repr(store: Any) -> str:
+    return str(store) if isinstance(store, (str, Path)) else repr(store)
+
+
+class ReplayBuffer:
+    """Episodes of named arrays over a zarr group (on disk / fsspec) or plain numpy (in memory).
+
+    Create or open with `ReplayBuffer.create`, `ReplayBuffer.open` or `ReplayBuffer.open_or_create`;
+    `ReplayBuffer.load` returns an in-memory copy for fast training.
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        episode_ends: np.ndarray,
+        attrs: Mapping[str, Any],
+        group: zarr.Group | None = None,
+        path: str = "<memory>",
+    ) -> None:
+        self.data = dict(data)
+        self.episode_ends = np.asarray(episode_ends, dtype=np.int64)
+        self.attrs = dict(attrs)
+        self.group = group
+        self.path = path
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(
+        cls,
+        store: Any,
+        fps: float,
+        attrs: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> ReplayBuffer:
+        """Create an empty buffer at `store` (path, URL or zarr store). Refuses to overwrite unless asked."""
+        path = _store_repr(store)
+        try:
+            root = zarr.open_group(store, mode="w" if overwrite else "w-")
+        except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as e:
+            raise DataError(path, None, "an empty location (or overwrite=True)", "existing data") from e
+        meta = {"protege_format": FORMAT_VERSION, "fps": float(fps), "kinds": {}, "units": {}, "provenance": {}}
+        meta.update(attrs or {})
+        root.attrs.update(meta)
+        root.require_group("data")
+        root.require_group("meta").create_array(
+            "episode_ends", shape=(0,), chunks=(1 << 16,), dtype="int64", fill_value=0
+        )
+        return cls({}, np.zeros(0, np.int64), meta, group=root, path=path)
+
+    @classmethod
+    def open(cls, store: Any, mode: str = "r") -> ReplayBuffer:
+        """Open an existing buffer, validating its layout. `mode` is "r" (read-only) or "a" (append)."""
+        path = _store_repr(store)
+        if isinstance(store, (str, Path)) and "://" not in str(store) and not Path(store).exists():
+            raise DataError(path, None, "an existing replay buffer directory", "no such path")
+        try:
+            root = zarr.open_group(store, mode="r" if mode == "r" else "r+")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError) as e:
+            raise DataError(path, None, "a zarr group (a protege replay buffer)", f"not a zarr group ({e})") from e
+        attrs = dict(root.attrs)
+        if "protege_format" not in attrs:
+            raise DataError(path, "attrs/protege_format", "a protege replay buffer (group attr 'protege_format')",
+                            f"a zarr group with attrs {sorted(attrs)}")
+        if attrs["protege_format"] != FORMAT_VERSION:
+            raise DataError(path, "attrs/protege_format", f"format version {FORMAT_VERSION}", str(attrs["protege_format"]))
+        if "meta/episode_ends" not in root:
+            raise DataError(path, "meta/episode_ends", "an int64 array of cumulative episode ends", "missing")
+        if "data" not in root:
+            raise DataError(path, "data", "a group of per-key arrays", "missing")
+        data = {}
+        for key in _array_keys(root["data"]):
+            data[key] = root["data"][key]
+        ends_arr = root["meta/episode_ends"]
+        if ends_arr.ndim != 1 or ends_arr.dtype != np.int64:
+            raise DataError(path, "meta/episode_ends", "a 1-D int64 array", f"{ends_arr.ndim}-D {ends_arr.dtype}")
+        ends = _committed_prefix(np.asarray(ends_arr[:]), min((a.shape[0] for a in data.values()), default=0))
+        buf = cls(data, ends, attrs, group=root, path=path)
+        buf._validate()
+        return buf
+
+    @classmethod
+    def open_or_create(cls, store: Any, fps: float, attrs: Mapping[str, Any] | None = None) -> ReplayBuffer:
+        try:
+            return cls.open(store, mode="a")
+        except DataError as e:
+            if e.found not in ("no such path",) and not e.found.startswith("not a zarr group"):
+                raise
+        return cls.create(store, fps=fps, attrs=attrs)
+
+    @classmethod
+    def load(cls, store: Any, keys: list[str] | None = None) -> ReplayBuffer:
+        """Read a buffer (or only `keys`) fully into memory as numpy arrays: the training path."""
+        src = store if isinstance(store, ReplayBuffer) else cls.open(store, "r")
+        keys = list(src.data) if keys is None else keys
+        for k in keys:
+            src._require_key(k)
+        n = src.n_steps
+        data = {k: np.asarray(src.data[k][:n]) for k in keys}
+        return cls(data, src.episode_ends.copy(), src.attrs, group=None, path=src.path)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def n_episodes(self) -> int:
+        return len(self.episode_ends)
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.episode_ends[-1]) if len(self.episode_ends) else 0
+
+    def __len__(self) -> int:
+        return self.n_steps
+
+    @property
+    def fps(self) -> float:
+        return float(self.attrs.get("fps", 0.0))
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        return dict(self.attrs.get("kinds", {}))
+
+    def keys(self) -> list[str]:
+        return list(self.data)
+
+    @property
+    def episode_lengths(self) -> np.ndarray:
+        return np.diff(self.episode_ends, prepend=0)
+
+    def episode_slice(self, i: int) -> slice:
+        if not -self.n_episodes <= i < self.n_episodes:
+            raise IndexError(f"{self.path}: episode {i} out of range (n_episodes={self.n_episodes})")
+        i %= self.n_episodes
+        start = int(self.episode_ends[i - 1]) if i > 0 else 0
+        return slice(start, int(self.episode_ends[i]))
+
+    def get_episode(self, i: int, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+        sl = self.episode_slice(i)
+        return {k: np.asarray(self.data[k][sl]) for k in (keys or self.data)}
+
+    def episodes(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(self.n_episodes):
+            yield self.get_episode(i)
+
+    def __getitem__(self, key: str) -> Any:
+        self._require_key(key)
+        return self.data[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    # ------------------------------------------------------------------ writing
+    def append_episode(self, episode: Mapping[str, np.ndarray], kinds: Mapping[str, str] | None = None) -> None:
+        """Validate every array, then append them; extending `meta/episode_ends` commits the episode."""
+        if self.group is None:
+            raise TypeError(f"{self.path}: in-memory buffers are read-only; open the store with mode='a'")
+        if self.group.store.read_only:
+            raise DataError(self.path, None, "a buffer opened for appending (mode='a')", "read-only")
+        episode = {k: np.asarray(v) for k, v in episode.items()}
+        self._validate_episode(episode, kinds or {})
+        n = self.n_steps
+        length = len(next(iter(episode.values())))
+        data_group = self.group["data"]
+        new_kinds = dict(self.attrs.get("kinds", {}))
+        for key, arr in episode.items():
+            if key not in self.data:
+                kind = (kinds or {}).get(key) or infer_kind(key, arr)
+                self.data[key] = _create_array(data_group, key, arr, kind)
+                new_kinds[key] = kind
+            zarr_arr = self.data[key]
+            zarr_arr.resize((n + length, *arr.shape[1:]))  # also trims an uncommitted tail
+            zarr_arr[n : n + length] = arr.astype(zarr_arr.dtype, copy=False)
+        if new_kinds != self.attrs.get("kinds"):
+            self.group.attrs["kinds"] = new_kinds
+            self.attrs["kinds"] = new_kinds
+        ends = self.group["meta/episode_ends"]
+        ends.resize((self.n_episodes + 1,))
+        ends[self.n_episodes] = n + length  # commit point
+        self.episode_ends = np.append(self.episode_ends, n + length)
+
+    def update_attrs(self, **attrs: Any) -> None:
+        if self.group is not None:
+            self.group.attrs.update(attrs)
+        self.attrs.update(attrs)
+
+    # ------------------------------------------------------------------ validation
+    def _require_key(self, key: str) -> None:
+        if key not in self.data:
+            close = difflib.get_close_matches(key, list(self.data), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataError(self.path, key, f"one of the buffer keys {sorted(self.data)}", f"no such key{hint}")
+
+    def _validate(self) -> None:
+        n = self.n_steps
+        for key, arr in self.data.items():
+            if arr.shape[0] < n:
+                raise DataError(self.path, f"data/{key}", f"at least {n} steps (meta/episode_ends[-1])", f"{arr.shape[0]} steps")
+        kinds = self.attrs.get("kinds", {})
+        for key in self.data:
+            if kinds.get(key) not in KINDS:
+                raise DataError(self.path, f"attrs/kinds/{key}", f"one of {KINDS}", repr(kinds.get(key)))
+        if self.data and "action" not in self.data:
+            raise DataError(self.path, "data/action", "an 'action' array", f"keys {sorted(self.data)}")
+
+    def _validate_episode(self, episode: dict[str, np.ndarray], kinds: Mapping[str, str]) -> None:
+        where = self.path
+        if not episode:
+            raise DataError(where, None, "an episode with at least an 'action' array", "no arrays")
+        if self.data:
+            missing = sorted(set(self.data) - set(episode))
+            if missing:
+                raise DataError(where, missing[0], f"every buffer key {sorted(self.data)} in the episode", "key missing")
+            extra = sorted(set(episode) - set(self.data))
+            if extra:
+                close = difflib.get_close_matches(extra[0], list(self.data), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise DataError(where, extra[0], f"only the buffer keys {sorted(self.data)}", f"unknown key{hint}")
+        elif "action" not in episode:
+            raise DataError(where, "action", "an 'action' array in every episode", f"keys {sorted(episode)}")
+        lengths = {k: (len(v) if v.ndim else -1) for k, v in episode.items()}
+        first_key = "action"
+        for key, arr in episode.items():
+            if arr.ndim == 0:
+                raise DataError(where, key, "a time-major array (T, ...)", "a scalar")
+            if lengths[key] != lengths[first_key]:
+                raise DataError(where, key, f"{lengths[first_key]} steps (same as 'action')", f"{lengths[key]} steps")
+            if arr.dtype.kind not in "biuf":
+                raise DataError(where, key, "a numeric (bool/int/float) array", f"dtype {arr.dtype}")
+            kind = kinds.get(key) or self.kinds.get(key) or infer_kind(key, arr)
+            if kind not in KINDS:
+                raise DataError(where, f"kinds/{key}", f"one of {KINDS}", repr(kind))
+            if kind == "image" and arr.dtype != np.uint8:
+                raise DataError(where, key, "uint8 images (T, H, W, C)", f"dtype {arr.dtype}")
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                bad = np.argwhere(~np.isfinite(arr))[0]
+                raise DataError(where, key, "finite values", f"{arr[tuple(bad)]} at index {tuple(int(b) for b in bad)}")
+            if key in self.data:
+                existing = self.data[key]
+                if tuple(arr.shape[1:]) != tuple(existing.shape[1:]):
+                    raise DataError(where, key, f"per-step shape {tuple(existing.shape[1:])}", f"{tuple(arr.shape[1:])}")
+                if not np.can_cast(arr.dtype, existing.dtype, casting="same_kind"):
+                    raise DataError(where, key, f"dtype castable to {existing.dtype}", f"dtype {arr.dtype}")
+        if lengths[first_key] == 0:
+            raise DataError(where, "action", "an episode with at least one step", "an empty episode (0 steps)")
+
+    # ------------------------------------------------------------------ display
+    def summary(self) -> str:
+        lengths = self.episode_lengths
+        lines = [
+            f"replay buffer {self.path}",
+            f"  episodes: {self.n_episodes}  steps: {self.n_steps}  fps: {self.fps:g}",
+        ]
+        if self.n_episodes:
+            lines.append(f"  episode length: min {lengths.min()}  mean {lengths.mean():.1f}  max {lengths.max()}")
+        lines.append("  keys:")
+        for key, arr in self.data.items():
+            kind = self.kinds.get(key, "?")
+            chunks = getattr(arr, "chunks", None)
+            lines.append(f"    {key:<24} {kind:<8} shape {(self.n_steps, *arr.shape[1:])!s:<20} {arr.dtype!s:<8}"
+                         + (f" chunks {chunks}" if chunks else ""))
+        for name in ("units", "provenance"):
+            if self.attrs.get(name):
+                lines.append(f"  {name}: {self.attrs[name]}")
+        return "\n".join(lines)
+
+
+def _array_keys(group: zarr.Group, prefix: str = "") -> list[str]:
+    """Keys of all arrays below `group`, nested groups joined with '/' (e.g. 'obs/state')."""
+    keys = []
+    for name, node in sorted(group.members()):
+        if isinstance(node, zarr.Group):
+            keys += _array_keys(node, f"{prefix}{name}/")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _committed_prefix(ends: np.ndarray, data_len: int) -> np.ndarray:
+    """Drop trailing episode_ends entries that were resized but never written (a crash mid-commit).
+
+    Valid entries are strictly increasing, positive and within the data arrays.
+    """
+    ends = ends.astype(np.int64)
+    ok = (ends > np.concatenate([[0], ends[:-1]])) & (ends <= data_len)
+    n_valid = len(ends) if ok.all() else int(np.argmin(ok))
+    return ends[:n_valid]
+
+
+def _create_array(group: zarr.Group, key: str, first: np.ndarray, kind: str) -> zarr.Array:
+    step_bytes = max(1, first[0].nbytes if len(first) else first.dtype.itemsize)
+    chunk_len = int(max(1, TARGET_CHUNK_BYTES // step_bytes))
+    if kind == "image":
+        # Lossless; byte shuffle + zstd level 1 compresses camera frames ~2-4x at a few hundred MB/s.
+        codec = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+    else:
+        codec = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=first.dtype.itemsize)
+    # nested keys ('obs/state') create intermediate groups
+    parent, _, name = key.rpartition("/")
+    g = group.require_group(parent) if parent else group
+    return g.create_array(
+        name,
+        shape=(0, *first.shape[1:]),
+        chunks=(chunk_len, *first.shape[1:]),
+        dtype=first.dtype,
+        compressors=codec,
+        fill_value=0,
+    )

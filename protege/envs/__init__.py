@@ -1,0 +1,60 @@
+"""Task registry: gymnasium envs with a `success` flag in `info`, each with a scripted expert.
+
+`make_env(env_id, **kwargs)` and `make_expert(env_id, env, seed)`. Observations are dicts of named
+arrays; stored in a replay buffer they become `obs/<name>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+
+from protege.errors import ConfigError
+
+
+class Expert(Protocol):
+    def reset(self) -> None: ...
+    def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+def _pointmass(bimodal: bool) -> Callable[..., gym.Env]:
+    def make(**kwargs: Any) -> gym.Env:
+        from protege.envs.pointmass import PointMassEnv
+
+        return PointMassEnv(bimodal=bimodal, **kwargs)
+
+    return make
+
+
+def _metaworld(**kwargs: Any) -> gym.Env:
+    from protege.envs.metaworld import MetaWorldEnv
+
+    return MetaWorldEnv(**kwargs)
+
+
+ENVS: dict[str, Callable[..., gym.Env]] = {
+    "pointmass": _pointmass(False),
+    "pointmass_bimodal": _pointmass(True),
+    "metaworld": _metaworld,
+}
+
+
+def make_env(env_id: str, **kwargs: Any) -> gym.Env:
+    if env_id not in ENVS:
+        raise ConfigError(f"unknown env {env_id!r}; expected one of {sorted(ENVS)}")
+    return ENVS[env_id](**kwargs)
+
+
+def make_expert(env_id: str, env: gym.Env, seed: int | None = None) -> Expert:
+    if env_id.startswith("pointmass"):
+        from protege.envs.pointmass import PointMassExpert
+
+        return PointMassExpert(env, seed)
+    if env_id == "metaworld":
+        from protege.envs.metaworld import MetaWorldExpert
+
+        return MetaWorldExpert(env, seed)
+    raise ConfigError(f"env {env_id!r} has no scripted expert")

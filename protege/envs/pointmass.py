@@ -1,0 +1,124 @@
+"""A 2-D point mass: the smallest task that still shows what a policy class can and cannot learn.
+
+- `pointmass`: reach a random goal from a random start (goal in the observation).
+- `pointmass_bimodal`: from the left, reach a fixed goal on the right around a disc obstacle. The
+  expert flips a coin per episode to pass above or below, so the demonstrations hold two equally
+  good routes and no observation tells which: MSE regression averages them (into the obstacle),
+  a generative policy such as Diffusion Policy should use both.
+
+Observation `{"state": [x, y, goal_x, goal_y]}`, action: velocity in [-1, 1]^2 (times `max_step`).
+Entering the obstacle is refused (the point stays where it was).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+OBSTACLE_CENTER = np.array([0.0, 0.0])
+OBSTACLE_RADIUS = 0.35
+ROUTE_Y = 0.55  # the expert's waypoint height above/below the obstacle
+
+
+class PointMassEnv(gym.Env):
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(
+        self,
+        bimodal: bool = False,
+        max_step: float = 0.05,
+        goal_tolerance: float = 0.05,
+        max_episode_steps: int = 80,
+        render_mode: str | None = None,
+        image_size: int = 96,
+    ) -> None:
+        self.bimodal = bimodal
+        self.max_step, self.goal_tolerance, self.max_episode_steps = max_step, goal_tolerance, max_episode_steps
+        self.render_mode, self.image_size = render_mode, image_size
+        self.observation_space = gym.spaces.Dict({"state": gym.spaces.Box(-1.0, 1.0, (4,), np.float32)})
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.pos = np.zeros(2)
+        self.goal = np.zeros(2)
+        self.t = 0
+        self.trace: list[np.ndarray] = []
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {"state": np.concatenate([self.pos, self.goal]).astype(np.float32)}
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
+        super().reset(seed=seed)
+        rng = self.np_random
+        if self.bimodal:
+            # y exactly 0: nothing in the observation may hint at which route to take
+            self.pos = np.array([rng.uniform(-0.9, -0.7), 0.0])
+            self.goal = np.array([0.8, 0.0])
+        else:
+            self.pos = rng.uniform(-0.9, 0.9, 2)
+            self.goal = rng.uniform(-0.9, 0.9, 2)
+            while np.linalg.norm(self.goal - self.pos) < 0.5:
+                self.goal = rng.uniform(-0.9, 0.9, 2)
+        self.t = 0
+        self.trace = [self.pos.copy()]
+        return self._obs(), {"success": False}
+
+    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        action = np.clip(np.asarray(action, dtype=np.float64).reshape(2), -1.0, 1.0)
+        new = np.clip(self.pos + self.max_step * action, -1.0, 1.0)
+        if not (self.bimodal and np.linalg.norm(new - OBSTACLE_CENTER) < OBSTACLE_RADIUS):
+            self.pos = new
+        self.t += 1
+        self.trace.append(self.pos.copy())
+        dist = float(np.linalg.norm(self.goal - self.pos))
+        success = dist < self.goal_tolerance
+        info = {"success": success, "route": self.route()}
+        return self._obs(), -dist, success, self.t >= self.max_episode_steps, info
+
+    def route(self) -> str:
+        """'up' or 'down': the side of the obstacle the path passed (by its extreme y), else 'none'."""
+        ys = np.array(self.trace)[:, 1]
+        y = ys.max() if ys.max() > -ys.min() else ys.min()
+        return "up" if y > OBSTACLE_RADIUS else "down" if y < -OBSTACLE_RADIUS else "none"
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode != "rgb_array":
+            return None
+        n = self.image_size
+        img = np.full((n, n, 3), 255, np.uint8)
+        yy, xx = np.mgrid[0:n, 0:n]
+        to_px = lambda p: ((p[0] + 1) / 2 * (n - 1), (1 - p[1]) / 2 * (n - 1))  # noqa: E731
+
+        def disc(p: np.ndarray, r: float, color: tuple[int, int, int]) -> None:
+            cx, cy = to_px(p)
+            img[(xx - cx) ** 2 + (yy - cy) ** 2 <= (r * (n - 1) / 2) ** 2] = color
+
+        if self.bimodal:
+            disc(OBSTACLE_CENTER, OBSTACLE_RADIUS, (90, 90, 90))
+        disc(self.goal, 0.06, (40, 170, 40))
+        for p in self.trace:
+            disc(p, 0.015, (120, 120, 230))
+        disc(self.pos, 0.04, (220, 40, 40))
+        return img
+
+
+class PointMassExpert:
+    """Straight to the goal; in the bimodal variant via a waypoint above or below (coin flip)."""
+
+    def __init__(self, env: PointMassEnv, seed: int | None = None) -> None:
+        self.env = env
+        self.rng = np.random.default_rng(seed)
+        self.waypoints: list[np.ndarray] = []
+
+    def reset(self) -> None:
+        side = 1.0 if self.rng.random() < 0.5 else -1.0
+        self.waypoints = [np.array([0.0, side * ROUTE_Y])] if self.env.bimodal else []
+
+    def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        pos, goal = obs["state"][:2].astype(np.float64), obs["state"][2:].astype(np.float64)
+        if self.waypoints and np.linalg.norm(self.waypoints[0] - pos) < 0.1:
+            self.waypoints.pop(0)
+        target = self.waypoints[0] if self.waypoints else goal
+        delta = (target - pos) / self.env.max_step
+        norm = np.linalg.norm(delta)
+        return (delta / max(norm, 1.0)).astype(np.float32)

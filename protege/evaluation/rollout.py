@@ -1,0 +1,177 @@
+"""Policy rollouts in N parallel gymnasium envs: success rate, returns, lengths, optional video.
+
+Envs run in a gymnasium vector env with autoreset disabled: when an env finishes an episode we
+reset just that env (with the next episode's seed) so all N envs stay busy until `n_episodes`
+episodes are done. Episode k always uses seed `seed + k`, so results do not depend on `n_envs`
+(up to the policy's own sampling noise). Each env keeps its own observation history
+(`n_obs_steps`, edge-padded at the start as in training) and action queue; a new chunk is
+predicted, batched over the envs that need one, when an env's queue runs empty.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from protege.policies.base import Policy
+
+
+def make_vector_env(env_fn: Callable[[int], gym.Env], n_envs: int, asynchronous: bool = False) -> gym.vector.VectorEnv:
+    """`env_fn(i)` builds env i (env 0 renders, if anything does)."""
+    fns = [(lambda i=i: env_fn(i)) for i in range(n_envs)]
+    cls = gym.vector.AsyncVectorEnv if asynchronous and n_envs > 1 else gym.vector.SyncVectorEnv
+    return cls(fns, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+
+
+@torch.no_grad()
+def evaluate(
+    policy: Policy,
+    env_fn: Callable[[int], gym.Env],
+    n_episodes: int,
+    n_envs: int = 10,
+    seed: int = 100_000,
+    video_path: str | Path | None = None,
+    video_episodes: int = 2,
+    asynchronous: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    policy.eval()
+    n_envs = max(1, min(n_envs, n_episodes))
+    envs = make_vector_env(env_fn, n_envs, asynchronous)
+    device = policy.device
+    To, obs_keys = policy.n_obs_steps, [k for k in policy.obs_keys]
+    names = [k.removeprefix("obs/") for k in obs_keys]
+
+    obs, _ = envs.reset(seed=[seed + i for i in range(n_envs)])
+    history = {k: np.repeat(np.asarray(obs[n])[:, None], To, axis=1) for k, n in zip(obs_keys, names)}
+    episode_of = np.arange(n_envs)  # which episode each env is running (>= n_episodes: idle filler)
+    started = n_envs
+    queue = [np.zeros((0, policy.action_dim), np.float32) for _ in range(n_envs)]
+    ret = np.zeros(n_envs)
+    length = np.zeros(n_envs, dtype=np.int64)
+    results: dict[int, dict[str, Any]] = {}
+    frames: list[np.ndarray] = []
+    record = video_path is not None and video_episodes > 0
+    extra_keys: set[str] = set()
+    latencies = []
+    bar = tqdm(total=n_episodes, desc="eval", unit="ep", disable=not progress)
+    t_start = time.perf_counter()
+    if record:
+        record = _grab_frame(envs, frames)
+    while len(results) < n_episodes:
+        need = [i for i in range(n_envs) if len(queue[i]) == 0]
+        if need:
+            batch = {k: torch.from_numpy(history[k][need]).to(device) for k in obs_keys}
+            t0 = time.perf_counter()
+            chunk = policy.predict_action(batch).float().cpu().numpy()
+            latencies.append(time.perf_counter() - t0)
+            for j, i in enumerate(need):
+                queue[i] = chunk[j]
+        action = np.stack([q[0] for q in queue])
+        queue = [q[1:] for q in queue]
+        obs, reward, terminated, truncated, info = envs.step(action)
+        ret += reward
+        length += 1
+        for k, n in zip(obs_keys, names):
+            history[k] = np.concatenate([history[k][:, 1:], np.asarray(obs[n])[:, None]], axis=1)
+        if record and episode_of[0] < video_episodes:
+            record = _grab_frame(envs, frames)
+        done = np.logical_or(terminated, truncated)
+        if not done.any():
+            continue
+        reset_seeds: list[int | None] = [None] * n_envs
+        for i in np.flatnonzero(done):
+            ep = int(episode_of[i])
+            if ep < n_episodes:
+                res = {"episode": ep, "seed": seed + ep, "success": bool(_info(info, "success", i)),
+                       "return": float(ret[i]), "length": int(length[i])}
+                for key in info:
+                    if not key.startswith("_") and key != "success" and isinstance(_info(info, key, i), (str, int, float, bool)):
+                        res[key] = _info(info, key, i)
+                        extra_keys.add(key)
+                results[ep] = res
+                bar.update(1)
+            episode_of[i] = started
+            started += 1
+            reset_seeds[i] = seed + int(episode_of[i])
+            ret[i], length[i] = 0.0, 0
+            queue[i] = queue[i][:0]
+        if len(results) >= n_episodes:
+            break
+        obs, _ = envs.reset(seed=reset_seeds, options={"reset_mask": done})
+        for k, n in zip(obs_keys, names):
+            history[k][done] = np.asarray(obs[n])[done][:, None]
+        policy.reset()
+    bar.close()
+    envs.close()
+    wall = time.perf_counter() - t_start
+    episodes = [results[i] for i in range(n_episodes)]
+    summary: dict[str, Any] = {
+        "success_rate": float(np.mean([e["success"] for e in episodes])),
+        "n_episodes": n_episodes,
+        "mean_return": float(np.mean([e["return"] for e in episodes])),
+        "mean_length": float(np.mean([e["length"] for e in episodes])),
+        "n_envs": n_envs,
+        "seed": seed,
+        "wall_time_s": wall,
+        "inference_ms_median": float(np.median(latencies) * 1e3) if latencies else None,
+        "episodes": episodes,
+    }
+    for key in sorted(extra_keys):  # e.g. the point-mass 'route' -> counts per value
+        values = [str(e.get(key)) for e in episodes]
+        summary[f"{key}_counts"] = {v: values.count(v) for v in sorted(set(values))}
+    if video_path is not None and frames:
+        summary["video"] = str(write_video(video_path, frames, fps=_render_fps(envs)))
+    return summary
+
+
+def _info(info: dict[str, Any], key: str, i: int) -> Any:
+    value = info.get(key)
+    if value is None or not info.get(f"_{key}", np.ones(i + 1, bool))[i]:
+        return None
+    return value[i].item() if hasattr(value[i], "item") else value[i]
+
+
+def _grab_frame(envs: gym.vector.VectorEnv, frames: list[np.ndarray]) -> bool:
+    """Render env 0; on any rendering failure, warn once and stop recording (state-only still works)."""
+    try:
+        frame = envs.call("render")[0]
+    except Exception as e:  # no GL backend, missing libOSMesa, ...
+        warnings.warn(f"rendering failed, no video will be written: {e}", stacklevel=2)
+        return False
+    if frame is None:
+        return False
+    frames.append(np.asarray(frame))
+    return True
+
+
+def _render_fps(envs: gym.vector.VectorEnv) -> int:
+    fps = (envs.metadata or {}).get("render_fps") or 20
+    return int(min(fps, 30))
+
+
+def write_video(path: str | Path, frames: list[np.ndarray], fps: int = 20) -> Path:
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
+    tmp.replace(path)
+    return path
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)

@@ -1,0 +1,115 @@
+"""The one policy interface every method implements, and the shape metadata it is built from.
+
+A policy is an `nn.Module` that owns its `Normalizer`, so a checkpoint is self-contained:
+- `compute_loss(batch) -> {"loss": ..., other scalars}` on a raw (unnormalised) batch from the sampler;
+- `predict_action(obs) -> (B, n_action_steps, A)` unnormalised actions to execute from the current
+  step, given raw observations `{key: (B, n_obs_steps, ...)}`;
+- `reset()` clears any per-episode state.
+
+Policies are built from config with hydra `_target_` (see `protege/configs/policy/*.yaml`):
+`hydra.utils.instantiate(cfg.policy, shape_meta=shape_meta)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from protege.datasets.normalizer import Normalizer
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# shape_meta: {key: {"shape": [...], "kind": "state"|"action"|"image"|...}}, from the replay buffer.
+ShapeMeta = Mapping[str, Mapping[str, Any]]
+
+
+def shape_meta_from_buffer(buffer: Any, obs_keys: list[str], action_key: str = "action") -> dict[str, dict]:
+    meta = {}
+    for key in [*obs_keys, action_key]:
+        arr = buffer[key]
+        meta[key] = {"shape": list(arr.shape[1:]), "kind": buffer.kinds.get(key, "state")}
+    meta[action_key]["kind"] = "action"
+    return meta
+
+
+class Policy(nn.Module):
+    """Base class: window sizes, normalizer and helpers shared by every policy."""
+
+    def __init__(
+        self,
+        shape_meta: ShapeMeta,
+        n_obs_steps: int,
+        horizon: int,
+        n_action_steps: int,
+        normalization: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= n_action_steps <= horizon - n_obs_steps + 1:
+            raise ValueError(
+                f"n_action_steps={n_action_steps} must be in [1, horizon - n_obs_steps + 1 = {horizon - n_obs_steps + 1}]"
+            )
+        self.shape_meta = {k: dict(v) for k, v in shape_meta.items()}
+        self.n_obs_steps, self.horizon, self.n_action_steps = n_obs_steps, horizon, n_action_steps
+        self.obs_keys = [k for k, v in self.shape_meta.items() if v["kind"] != "action"]
+        self.action_key = next(k for k, v in self.shape_meta.items() if v["kind"] == "action")
+        self.action_dim = int(self.shape_meta[self.action_key]["shape"][0])
+        modes = {"state": "minmax", "action": "minmax", "image": "identity", "language": "identity"}
+        modes.update(normalization or {})
+        self.normalizer = Normalizer(
+            {k: (tuple(v["shape"]) if v["kind"] != "image" else (), modes[v["kind"]]) for k, v in self.shape_meta.items()}
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`forward` is the loss, so DistributedDataParallel's gradient hooks see the training call."""
+        return self.compute_loss(batch)
+
+    def predict_action(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Clear per-episode state (none by default: policies here are stateless between chunks)."""
+
+    # helpers -----------------------------------------------------------------
+    def low_dim_obs(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised state observations of the window, flattened: (B, n_obs_steps * D)."""
+        parts = [self.normalizer.normalize(k, obs[k][:, : self.n_obs_steps].float()) for k in self.obs_keys]
+        return torch.cat([p.flatten(2) for p in parts], dim=-1).flatten(1)
+
+    @property
+    def obs_feature_dim(self) -> int:
+        """Per-step feature size of `low_dim_obs` (state keys only; image policies override)."""
+        dims = []
+        for k in self.obs_keys:
+            if self.shape_meta[k]["kind"] == "image":
+                raise ValueError(f"{type(self).__name__} takes state observations only; {k!r} is an image key")
+            dims.append(int(torch.Size(self.shape_meta[k]["shape"]).numel()))
+        return sum(dims)
+
+    def action_slice(self, actions: torch.Tensor) -> torch.Tensor:
+        """The executable chunk of a predicted horizon: from the current step, n_action_steps long."""
+        start = self.n_obs_steps - 1
+        return actions[:, start : start + self.n_action_steps]
+
+
+def build_policy(policy_cfg: Any, shape_meta: ShapeMeta) -> Policy:
+    """Instantiate a policy from its config group entry (`_target_` + kwargs; `name` is a label)."""
+    import hydra.utils
+    from omegaconf import DictConfig, OmegaConf
+
+    cfg = OmegaConf.to_container(policy_cfg, resolve=True) if isinstance(policy_cfg, DictConfig) else dict(policy_cfg)
+    cfg.pop("name", None)
+    policy = hydra.utils.instantiate(cfg, shape_meta=shape_meta, _convert_="all")
+    if not isinstance(policy, Policy):
+        raise TypeError(f"{cfg.get('_target_')} built a {type(policy).__name__}, expected a protege Policy")
+    return policy

@@ -1,0 +1,77 @@
+"""Diffusion Policy (Chi et al., RSS 2023), state-based, CNN variant.
+
+Training: normalise the action window to [-1, 1], add noise at a random diffusion step with the
+diffusers `DDPMScheduler`, and regress the noise with a 1-D U-Net conditioned (FiLM) on the
+flattened observation window. Inference: start from Gaussian noise and denoise with DDPM or DDIM
+(`inference_scheduler`, `num_inference_steps`), then execute `n_action_steps` of the horizon.
+Sampling from the learned distribution (rather than regressing its mean) lets it commit to one
+mode of multimodal demonstrations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from protege.policies.base import Policy, ShapeMeta
+from protege.policies.nets.unet1d import ConditionalUnet1D
+
+SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+
+
+class DiffusionPolicy(Policy):
+    def __init__(
+        self,
+        shape_meta: ShapeMeta,
+        n_obs_steps: int = 2,
+        horizon: int = 16,
+        n_action_steps: int = 8,
+        down_dims: Sequence[int] = (256, 512, 1024),
+        kernel_size: int = 5,
+        n_groups: int = 8,
+        step_embed_dim: int = 128,
+        num_train_timesteps: int = 100,
+        beta_schedule: str = "squaredcos_cap_v2",
+        prediction_type: str = "epsilon",
+        inference_scheduler: str = "ddim",
+        num_inference_steps: int = 10,
+        normalization: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, normalization)
+        if inference_scheduler not in SCHEDULERS:
+            raise ValueError(f"inference_scheduler={inference_scheduler!r}: expected one of {sorted(SCHEDULERS)}")
+        self.unet = ConditionalUnet1D(
+            self.action_dim, self.obs_feature_dim * n_obs_steps, down_dims, kernel_size, n_groups, step_embed_dim
+        )
+        sched_kwargs = dict(
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            prediction_type=prediction_type,
+            clip_sample=True,  # actions live in [-1, 1] after minmax normalisation
+        )
+        self.noise_scheduler = DDPMScheduler(**sched_kwargs)
+        self.inference_scheduler = SCHEDULERS[inference_scheduler](**sched_kwargs)
+        self.num_inference_steps = num_inference_steps
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        actions = self.normalizer.normalize(self.action_key, batch[self.action_key].float())
+        cond = self.low_dim_obs(batch)
+        noise = torch.randn_like(actions)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (actions.shape[0],), device=actions.device)
+        noisy = self.noise_scheduler.add_noise(actions, noise, t)
+        pred = self.unet(noisy, t, cond)
+        target = noise if self.noise_scheduler.config.prediction_type == "epsilon" else actions
+        return {"loss": F.mse_loss(pred, target)}
+
+    @torch.no_grad()
+    def predict_action(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        cond = self.low_dim_obs(obs)
+        x = torch.randn(cond.shape[0], self.horizon, self.action_dim, device=cond.device, dtype=cond.dtype)
+        sched = self.inference_scheduler
+        sched.set_timesteps(self.num_inference_steps, device=cond.device)
+        for t in sched.timesteps:
+            x = sched.step(self.unet(x, t, cond), t, x).prev_sample
+        return self.action_slice(self.normalizer.unnormalize(self.action_key, x))

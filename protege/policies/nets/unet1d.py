@@ -1,0 +1,93 @@
+"""1-D temporal U-Net with FiLM conditioning, the Diffusion Policy denoiser (Chi et al., 2023).
+
+Input: a noisy action sequence (B, T, A), the diffusion step, and a global condition vector
+(the flattened observation window). Every residual block modulates its features with a per-channel
+scale and bias predicted from [step embedding, condition] (FiLM).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class SinusoidalPosEmb(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        half = dim // 2
+        self.register_buffer("freqs", torch.exp(torch.arange(half) * (-math.log(10000) / (half - 1))), persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        x = t.float()[:, None] * self.freqs[None]
+        return torch.cat([x.sin(), x.cos()], dim=-1)
+
+
+def conv_block(c_in: int, c_out: int, kernel_size: int, n_groups: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2), nn.GroupNorm(n_groups, c_out), nn.Mish())
+
+
+class CondResBlock1d(nn.Module):
+    def __init__(self, c_in: int, c_out: int, cond_dim: int, kernel_size: int, n_groups: int) -> None:
+        super().__init__()
+        self.block1 = conv_block(c_in, c_out, kernel_size, n_groups)
+        self.block2 = conv_block(c_out, c_out, kernel_size, n_groups)
+        self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))
+        self.residual = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, bias = self.film(cond).unsqueeze(-1).chunk(2, dim=1)
+        h = self.block1(x) * scale + bias
+        return self.block2(h) + self.residual(x)
+
+
+class ConditionalUnet1D(nn.Module):
+    def __init__(
+        self,
+        input_dim: int,
+        global_cond_dim: int,
+        down_dims: Sequence[int] = (256, 512, 1024),
+        kernel_size: int = 5,
+        n_groups: int = 8,
+        step_embed_dim: int = 128,
+    ) -> None:
+        super().__init__()
+        self.step_encoder = nn.Sequential(
+            SinusoidalPosEmb(step_embed_dim),
+            nn.Linear(step_embed_dim, step_embed_dim * 4),
+            nn.Mish(),
+            nn.Linear(step_embed_dim * 4, step_embed_dim),
+        )
+        cond_dim = step_embed_dim + global_cond_dim
+        dims = [input_dim, *down_dims]
+        levels = list(zip(dims[:-1], dims[1:]))
+        block = lambda i, o: CondResBlock1d(i, o, cond_dim, kernel_size, n_groups)  # noqa: E731
+        self.down = nn.ModuleList(
+            nn.ModuleList([block(i, o), block(o, o), nn.Conv1d(o, o, 3, 2, 1) if n < len(levels) - 1 else nn.Identity()])
+            for n, (i, o) in enumerate(levels)
+        )
+        self.mid = nn.ModuleList([block(down_dims[-1], down_dims[-1]), block(down_dims[-1], down_dims[-1])])
+        self.up = nn.ModuleList(
+            nn.ModuleList([block(2 * o, i), block(i, i), nn.ConvTranspose1d(i, i, 4, 2, 1)])
+            for i, o in reversed(levels[1:])
+        )
+        self.final = nn.Sequential(conv_block(down_dims[0], down_dims[0], kernel_size, n_groups), nn.Conv1d(down_dims[0], input_dim, 1))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor) -> torch.Tensor:
+        """sample (B, T, A), timestep (B,) or scalar, global_cond (B, G) -> (B, T, A)."""
+        x = sample.transpose(1, 2)
+        timestep = timestep.expand(x.shape[0]) if timestep.ndim else timestep.reshape(1).expand(x.shape[0])
+        cond = torch.cat([self.step_encoder(timestep), global_cond], dim=-1)
+        skips = []  # as in the reference implementation, the first level's skip goes unused
+        for res1, res2, down in self.down:
+            x = res2(res1(x, cond), cond)
+            skips.append(x)
+            x = down(x)
+        for res in self.mid:
+            x = res(x, cond)
+        for res1, res2, up in self.up:
+            x = res2(res1(torch.cat([x, skips.pop()], dim=1), cond), cond)
+            x = up(x)
+        return self.final(x).transpose(1, 2)

@@ -1,0 +1,280 @@
+"""One training loop for every policy: data -> policy.compute_loss -> AdamW -> EMA -> checkpoints -> eval.
+
+Reads a hydra config (`protege/configs/train.yaml`). Everything that makes the next loss differ is
+saved in `train_state.pt` (online weights, optimizer, LR scheduler, EMA, torch RNG and the sampler's
+numpy generator), so `resume=true` continues a run bit-for-bit on CPU. Validation and evaluation run
+inside `torch.random.fork_rng` so they never perturb the training stream.
+
+Multi-GPU: launched with `torchrun --nproc_per_node=N -m protege.cli train ...` every rank trains
+on its own sample stream with DistributedDataParallel (NCCL on CUDA, gloo on CPU); rank 0 logs,
+checkpoints and evaluates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf, open_dict
+from tqdm.auto import tqdm
+
+from protege.datasets.replay_buffer import ReplayBuffer
+from protege.datasets.sampler import SequenceSampler, split_episodes, to_torch
+from protege.errors import ConfigError
+from protege.policies.base import Policy, build_policy, shape_meta_from_buffer
+from protege.training import checkpoint as ckpt
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """'auto' = bf16 on CUDA when supported, fp16 on older CUDA GPUs, off on CPU; or force 'bf16'/'fp16'/'none'."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
+def dataset_path(cfg: DictConfig) -> Path:
+    return Path(cfg.dataset or cfg.task.dataset)
+
+
+def ensure_dataset(cfg: DictConfig, progress: bool = True) -> Path:
+    """The training buffer; collected with the task's scripted expert if it does not exist yet."""
+    path = dataset_path(cfg)
+    existing = ReplayBuffer.open(path).n_episodes if path.exists() else 0
+    if existing < cfg.task.n_demos and not cfg.dataset:
+        from protege.envs.collect import collect
+
+        collect(cfg.task.env_id, OmegaConf.to_container(cfg.task.env, resolve=True), cfg.task.n_demos, path,
+                fps=cfg.task.fps, seed=cfg.task.demo_seed, progress=progress)
+    return path
+
+
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def train(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
+    """Train `cfg.policy` on `cfg.task`; returns {"run_dir", "checkpoint", "losses", "eval"}."""
+    rank, world = _dist_info()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = select_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    is_main = rank == 0
+    torch.manual_seed(cfg.seed + rank)
+    run_dir = Path(cfg.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    resume_dir = ckpt.resolve_checkpoint(run_dir) if cfg.resume and (ckpt_root / "latest").exists() else None
+    if cfg.resume and resume_dir is None and is_main:
+        print(f"resume: no checkpoint under {run_dir}, starting from scratch")
+
+    # ---- data
+    path = ensure_dataset(cfg, progress and is_main) if is_main else dataset_path(cfg)
+    if world > 1:
+        torch.distributed.barrier()  # rank 0 may have just collected the demos
+    obs_keys = list(cfg.task.obs_keys)
+    buffer = ReplayBuffer.load(path, keys=[*obs_keys, "action"])
+    train_eps, val_eps = split_episodes(buffer.n_episodes, cfg.train.val_ratio, cfg.seed)
+    if len(train_eps) == 0:
+        raise ConfigError(f"{path}: no training episodes (buffer holds {buffer.n_episodes})")
+    shape_meta = shape_meta_from_buffer(buffer, obs_keys)
+    with open_dict(cfg):
+        cfg.shape_meta = shape_meta
+        cfg.dataset_resolved = str(path)
+
+    # ---- policy (normalizer fitted on the training episodes only)
+    policy = build_policy(cfg.policy, shape_meta)
+    step_mask = np.isin(np.repeat(np.arange(buffer.n_episodes), buffer.episode_lengths), train_eps)
+    policy.normalizer.fit({k: buffer.data[k][step_mask] for k in policy.normalizer.stats})
+    policy.to(device)
+    sampler = SequenceSampler(buffer, obs_keys, policy.n_obs_steps, policy.horizon, episodes=train_eps)
+    val_sampler = SequenceSampler(buffer, obs_keys, policy.n_obs_steps, policy.horizon, episodes=val_eps) if len(val_eps) else None
+
+    tcfg = cfg.train
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+    lr_scheduler = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=tcfg.steps)
+    ema = EMAModel(policy.parameters(), decay=tcfg.ema.max_decay, use_ema_warmup=True, power=tcfg.ema.power) if tcfg.ema.enabled else None
+    dtype = amp_dtype(tcfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    rng = np.random.default_rng([cfg.seed, rank])
+
+    step = 0
+    if resume_dir is not None:
+        state = ckpt.load_train_state(resume_dir)
+        policy.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"]["torch"])
+        rng.bit_generator.state = state["rng"]["sampler"][rank] if rank < len(state["rng"]["sampler"]) else rng.bit_generator.state
+        step = int(state["step"])
+        if is_main:
+            print(f"resumed from {resume_dir} at step {step}")
+
+    model: torch.nn.Module = policy
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        writer = SummaryWriter(str(run_dir / "tb"))
+
+    def deployable() -> Policy:
+        if ema is None:
+            return policy
+        ema_policy = copy.deepcopy(policy)
+        ema.copy_to(ema_policy.parameters())
+        return ema_policy
+
+    def save(at_step: int, sampler_states: list[dict]) -> Path:
+        train_state = {
+            "step": at_step,
+            "model": policy.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else {},
+            "rng": {"torch": torch.get_rng_state(), "sampler": sampler_states},
+        }
+        return ckpt.save_checkpoint(ckpt_root, at_step, deployable(), cfg, train_state, keep=tcfg.keep_checkpoints)
+
+    batches = sampler.iter_batches(tcfg.batch_size, rng)
+    losses: list[float] = []
+    last_ckpt: Path | None = resume_dir
+    bar = tqdm(total=tcfg.steps, initial=step, desc="train", unit="step", disable=not (progress and is_main), dynamic_ncols=True)
+    t0, t_log = time.perf_counter(), time.perf_counter()
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+    while step < tcfg.steps:
+        policy.train()
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        with autocast():
+            out = model(batch)
+        loss = out["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tcfg.grad_clip) if tcfg.grad_clip else None
+        scaler.step(optimizer)
+        scaler.update()
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(policy.parameters())
+        step += 1
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr or check the data")
+        losses.append(loss_value)
+        bar.update(1)
+        save_due = (tcfg.ckpt_every and step % tcfg.ckpt_every == 0) or step == tcfg.steps
+        sampler_states = _gather_rng_states(rng, world) if save_due else None  # collective: every rank joins
+        if not is_main:
+            continue
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            now = time.perf_counter()
+            writer.add_scalar("train/loss", loss_value, step)
+            writer.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], step)
+            writer.add_scalar("train/steps_per_s", tcfg.log_every / max(now - t_log, 1e-9), step)
+            if grad_norm is not None:
+                writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            for k, v in out.items():
+                if k != "loss":
+                    writer.add_scalar(f"train/{k}", float(v), step)
+            t_log = now
+        if val_sampler is not None and tcfg.val_every and step % tcfg.val_every == 0:
+            writer.add_scalar("val/loss", validation_loss(policy, val_sampler, tcfg.batch_size, device, cfg.seed), step)
+        if save_due:
+            last_ckpt = save(step, sampler_states)
+        if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+            summary = run_eval(cfg, deployable(), run_dir / f"eval_step_{step:08d}.json", video=False, progress=False)
+            writer.add_scalar("eval/success_rate", summary["success_rate"], step)
+    bar.close()
+    result: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None, "losses": losses,
+                              "train_time_s": time.perf_counter() - t0}
+    if world > 1:
+        torch.distributed.barrier()
+    if is_main and cfg.eval.n_episodes > 0:
+        summary = run_eval(cfg, deployable(), run_dir / "eval.json", video=cfg.eval.video, progress=progress)
+        writer.add_scalar("eval/success_rate", summary["success_rate"], step)
+        result["eval"] = summary
+    if writer is not None:
+        writer.close()
+    return result
+
+
+def _gather_rng_states(rng: np.random.Generator, world: int) -> list[dict]:
+    state = rng.bit_generator.state
+    if world == 1:
+        return [state]
+    states: list[Any] = [None] * world
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+@torch.no_grad()
+def validation_loss(policy: Policy, sampler: SequenceSampler, batch_size: int, device: torch.device, seed: int,
+                    n_batches: int = 4) -> float:
+    """Mean loss on held-out episodes over fixed windows and fixed noise, without touching the training RNG."""
+    policy.eval()
+    rng = np.random.default_rng(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        losses = [
+            policy.compute_loss({k: v.to(device) for k, v in to_torch(sampler.gather(rng.integers(0, len(sampler), batch_size))).items()})["loss"].item()
+            for _ in range(n_batches)
+        ]
+    policy.train()
+    return float(np.mean(losses))
+
+
+def run_eval(cfg: DictConfig, policy: Policy, out_json: Path, video: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Roll the policy out in the task's env; write the summary JSON (and a video) next to it."""
+    from protege.envs import make_env
+    from protege.evaluation.rollout import evaluate, write_json
+
+    ecfg = cfg.eval
+    env_kwargs = OmegaConf.to_container(cfg.task.env, resolve=True)
+    if ecfg.max_episode_steps:
+        env_kwargs["max_episode_steps"] = ecfg.max_episode_steps
+
+    def env_fn(i: int) -> Any:
+        return make_env(cfg.task.env_id, **env_kwargs, render_mode="rgb_array" if (video and i == 0) else None)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ecfg.seed)
+        summary = evaluate(
+            policy, env_fn, n_episodes=ecfg.n_episodes, n_envs=ecfg.n_envs, seed=ecfg.seed,
+            video_path=out_json.with_suffix(".mp4") if video else None, video_episodes=ecfg.video_episodes,
+            asynchronous=ecfg.asynchronous, progress=progress,
+        )
+    summary["task"] = cfg.task.name
+    summary["policy"] = cfg.policy.name
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out_json, summary)
+    return summary
