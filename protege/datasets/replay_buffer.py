@@ -118,17 +118,19 @@ class ReplayBuffer:
         ends_arr = root["meta/episode_ends"]
         if ends_arr.ndim != 1 or ends_arr.dtype != np.int64:
             raise DataError(path, "meta/episode_ends", "a 1-D int64 array", f"{ends_arr.ndim}-D {ends_arr.dtype}")
-        ends = _committed_prefix(np.asarray(ends_arr[:]), min((a.shape[0] for a in data.values()), default=0))
+        ends = _committed_prefix(np.asarray(ends_arr[:]))
         buf = cls(data, ends, attrs, group=root, path=path)
         buf._validate()
         return buf
 
     @classmethod
     def open_or_create(cls, store: Any, fps: float, attrs: Mapping[str, Any] | None = None) -> ReplayBuffer:
+        """Open for appending; create only where nothing exists yet (never inside an unrelated folder)."""
         try:
             return cls.open(store, mode="a")
         except DataError as e:
-            if e.found not in ("no such path",) and not e.found.startswith("not a zarr group"):
+            is_path = isinstance(store, (str, Path)) and "://" not in str(store)
+            if not (e.found == "no such path" or (not is_path and e.found.startswith("not a zarr group"))):
                 raise
         return cls.create(store, fps=fps, attrs=attrs)
 
@@ -235,6 +237,10 @@ class ReplayBuffer:
 
     def _validate(self) -> None:
         n = self.n_steps
+        if len(self.episode_ends) and (np.diff(self.episode_ends, prepend=0) <= 0).any():
+            bad = int(np.argmax(np.diff(self.episode_ends, prepend=0) <= 0))
+            raise DataError(self.path, "meta/episode_ends", "strictly increasing cumulative episode ends",
+                            f"{self.episode_ends[bad]} at episode {bad}")
         for key, arr in self.data.items():
             if arr.shape[0] < n:
                 raise DataError(self.path, f"data/{key}", f"at least {n} steps (meta/episode_ends[-1])", f"{arr.shape[0]} steps")
@@ -250,14 +256,14 @@ class ReplayBuffer:
         if not episode:
             raise DataError(where, None, "an episode with at least an 'action' array", "no arrays")
         if self.data:
-            missing = sorted(set(self.data) - set(episode))
-            if missing:
-                raise DataError(where, missing[0], f"every buffer key {sorted(self.data)} in the episode", "key missing")
-            extra = sorted(set(episode) - set(self.data))
+            extra = sorted(set(episode) - set(self.data))  # first: a misspelling shows up as unknown + missing
             if extra:
                 close = difflib.get_close_matches(extra[0], list(self.data), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise DataError(where, extra[0], f"only the buffer keys {sorted(self.data)}", f"unknown key{hint}")
+            missing = sorted(set(self.data) - set(episode))
+            if missing:
+                raise DataError(where, missing[0], f"every buffer key {sorted(self.data)} in the episode", "key missing")
         elif "action" not in episode:
             raise DataError(where, "action", "an 'action' array in every episode", f"keys {sorted(episode)}")
         lengths = {k: (len(v) if v.ndim else -1) for k, v in episode.items()}
@@ -318,15 +324,13 @@ def _array_keys(group: zarr.Group, prefix: str = "") -> list[str]:
     return keys
 
 
-def _committed_prefix(ends: np.ndarray, data_len: int) -> np.ndarray:
-    """Drop trailing episode_ends entries that were resized but never written (a crash mid-commit).
-
-    Valid entries are strictly increasing, positive and within the data arrays.
-    """
+def _committed_prefix(ends: np.ndarray) -> np.ndarray:
+    """Drop a last episode_ends entry that was resized but never written (a crash mid-commit reads
+    back as the fill value 0, i.e. not after the previous end)."""
     ends = ends.astype(np.int64)
-    ok = (ends > np.concatenate([[0], ends[:-1]])) & (ends <= data_len)
-    n_valid = len(ends) if ok.all() else int(np.argmin(ok))
-    return ends[:n_valid]
+    if len(ends) and ends[-1] <= (ends[-2] if len(ends) > 1 else 0):
+        ends = ends[:-1]
+    return ends
 
 
 def _create_array(group: zarr.Group, key: str, first: np.ndarray, kind: str) -> zarr.Array:

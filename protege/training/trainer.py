@@ -74,8 +74,17 @@ def _dist_info() -> tuple[int, int]:
 def train(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     """Train `cfg.policy` on `cfg.task`; returns {"run_dir", "checkpoint", "losses", "eval"}."""
     rank, world = _dist_info()
-    if world > 1 and not torch.distributed.is_initialized():
+    own_group = world > 1 and not torch.distributed.is_initialized()
+    if own_group:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        return _train(cfg, progress, rank, world)
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, Any]:
     device = select_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -170,7 +179,8 @@ def train(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     bar = tqdm(total=tcfg.steps, initial=step, desc="train", unit="step", disable=not (progress and is_main), dynamic_ncols=True)
     t0, t_log = time.perf_counter(), time.perf_counter()
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
-    while step < tcfg.steps:
+    stop_at = min(tcfg.steps, tcfg.stop_at or tcfg.steps)  # stop_at: end early (as if preempted); resume later
+    while step < stop_at:
         policy.train()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         with autocast():
@@ -191,7 +201,7 @@ def train(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
             raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr or check the data")
         losses.append(loss_value)
         bar.update(1)
-        save_due = (tcfg.ckpt_every and step % tcfg.ckpt_every == 0) or step == tcfg.steps
+        save_due = (tcfg.ckpt_every and step % tcfg.ckpt_every == 0) or step == stop_at
         sampler_states = _gather_rng_states(rng, world) if save_due else None  # collective: every rank joins
         if not is_main:
             continue
@@ -219,7 +229,7 @@ def train(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
                               "train_time_s": time.perf_counter() - t0}
     if world > 1:
         torch.distributed.barrier()
-    if is_main and cfg.eval.n_episodes > 0:
+    if is_main and cfg.eval.n_episodes > 0 and step == tcfg.steps:
         summary = run_eval(cfg, deployable(), run_dir / "eval.json", video=cfg.eval.video, progress=progress)
         writer.add_scalar("eval/success_rate", summary["success_rate"], step)
         result["eval"] = summary

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install protege and what it needs on a fresh machine (idempotent; re-running is cheap).
+#  - OSMesa (Debian libosmesa6) for offscreen MuJoCo rendering: videos and camera observations.
+#    Best effort: state-only training and evaluation work without it.
+#  - the protege package with its Python dependencies (torch, diffusers, zarr, metaworld, ...) and pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! ldconfig -p 2>/dev/null | grep -q libOSMesa; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libosmesa6 >/dev/null; } \
+      || echo "setup: could not install libosmesa6; rendering (videos, camera observations) will be unavailable" >&2
+  else
+    echo "setup: no apt-get; install OSMesa yourself for rendering (state-only runs do not need it)" >&2
+  fi
+fi
+python -m pip install -q --disable-pip-version-check -e '.[dev]'
+command -v pyenv >/dev/null 2>&1 && pyenv rehash || true  # expose the new `protege` console script
+echo "setup: done ($(python -c 'import torch, protege; print("protege", protege.__version__, "torch", torch.__version__)'))"
