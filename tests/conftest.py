@@ -4,6 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from protege.cli import configure_rendering
+
+configure_rendering()  # before anything imports mujoco: OSMesa offscreen rendering when installed
+
 # deterministic, quiet tests on a 2-core box
 os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))

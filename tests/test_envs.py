@@ -71,3 +71,16 @@ def test_rollout_results_do_not_depend_on_n_envs():
     assert [e["length"] for e in one["episodes"]] == [e["length"] for e in many["episodes"]]
     assert [e["seed"] for e in many["episodes"]] == list(range(5, 12))
     assert one["success_rate"] == 1.0 and many["n_episodes"] == 7
+
+
+def test_metaworld_camera_observations():
+    import os
+
+    if os.environ.get("MUJOCO_GL") != "osmesa":
+        pytest.skip("no offscreen renderer (install libosmesa6: scripts/setup.sh does)")
+    env = make_env("metaworld", task="push-v3", cameras=("corner",), image_size=32)
+    obs, _ = env.reset(seed=0)
+    img = obs["corner"]
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and img.std() > 5
+    obs2, *_ = env.step(np.array([1.0, 0.0, 0.0, 0.0]))
+    assert obs2["corner"].shape == (32, 32, 3)

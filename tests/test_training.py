@@ -41,12 +41,12 @@ def test_checkpoint_is_self_contained(tmp_path):
     state = torch.load(ck / "train_state.pt", weights_only=True)
     assert state["step"] == 10 and "optimizer" in state and "ema" in state
     assert not list((ck.parent).glob(".tmp-*"))  # no half-written checkpoint left behind
-    policy = ckpt.load_policy(ck)
+    policy, again = ckpt.load_policy(ck), ckpt.load_policy(result["run_dir"])
     obs = {"obs/state": torch.zeros(3, 2, 4)}
     torch.manual_seed(0)
     a = policy.predict_action(obs)
     torch.manual_seed(0)
-    b = ckpt.load_policy(result["run_dir"]).predict_action(obs)
+    b = again.predict_action(obs)
     assert a.shape == (3, 8, 2) and torch.equal(a, b)
 
 

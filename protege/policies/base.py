@@ -105,11 +105,17 @@ class Policy(nn.Module):
 def build_policy(policy_cfg: Any, shape_meta: ShapeMeta) -> Policy:
     """Instantiate a policy from its config group entry (`_target_` + kwargs; `name` is a label)."""
     import hydra.utils
+    from hydra.errors import InstantiationException
     from omegaconf import DictConfig, OmegaConf
+
+    from protege.errors import ConfigError
 
     cfg = OmegaConf.to_container(policy_cfg, resolve=True) if isinstance(policy_cfg, DictConfig) else dict(policy_cfg)
     cfg.pop("name", None)
-    policy = hydra.utils.instantiate(cfg, shape_meta=shape_meta, _convert_="all")
+    try:
+        policy = hydra.utils.instantiate(cfg, shape_meta=shape_meta, _convert_="all")
+    except InstantiationException as e:  # unwrap hydra's wrapper: the cause is the useful message
+        raise ConfigError(f"policy {cfg.get('_target_')}: {e.__cause__ or e}") from e
     if not isinstance(policy, Policy):
         raise TypeError(f"{cfg.get('_target_')} built a {type(policy).__name__}, expected a protege Policy")
     return policy

@@ -69,9 +69,13 @@ class DiffusionPolicy(Policy):
     @torch.no_grad()
     def predict_action(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         cond = self.low_dim_obs(obs)
-        x = torch.randn(cond.shape[0], self.horizon, self.action_dim, device=cond.device, dtype=cond.dtype)
+        B = cond.shape[0]
+        x = torch.randn(B, self.horizon, self.action_dim, device=cond.device, dtype=cond.dtype)
         sched = self.inference_scheduler
         sched.set_timesteps(self.num_inference_steps, device=cond.device)
-        for t in sched.timesteps:
-            x = sched.step(self.unet(x, t, cond), t, x).prev_sample
+        K = len(sched.timesteps)
+        # conditioning of all K denoising steps in one batched pass: (K*B, 2C) -> K lists of (B, 2C)
+        films = [f.view(K, B, -1) for f in self.unet.films(sched.timesteps.repeat_interleave(B), cond.repeat(K, 1))]
+        for k, t in enumerate(sched.timesteps):
+            x = sched.step(self.unet(x, t, cond, films=[f[k] for f in films]), t, x).prev_sample
         return self.action_slice(self.normalizer.unnormalize(self.action_key, x))
