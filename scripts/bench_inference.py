@@ -56,15 +56,20 @@ def main() -> None:
         "diffusion_ddim10": make("diffusion", "policy.inference_scheduler=ddim", "policy.num_inference_steps=10"),
         "diffusion_ddpm100": make("diffusion", "policy.inference_scheduler=ddpm", "policy.num_inference_steps=100"),
         "bc": make("bc"),
+        # context rows: a 2-level U-Net (fewer ops) and the paper-size U-Net, both DDIM-10
+        "diffusion_ddim10_2level": make("diffusion", "policy.down_dims=[32,64]"),
+        "diffusion_paper_ddim10": make("diffusion_paper", "policy.inference_scheduler=ddim", "policy.num_inference_steps=10"),
     }
-    results = {name: latency_ms(pol, args.iters if "ddpm" not in name else max(20, args.iters // 5)) for name, pol in cases.items()}
+    slow = ("ddpm", "paper")
+    results = {name: latency_ms(pol, max(20, args.iters // 5) if any(w in name for w in slow) else args.iters)
+               for name, pol in cases.items()}
     results["machine"] = {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__}
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     for name in cases:
         r = results[name]
         print(f"{name:20s} median {r['median_ms']:8.2f} ms   p99 {r['p99_ms']:8.2f} ms   params {r['params']:,}")
-    print(" ".join(f"{n}_ms={results[n]['median_ms']:.2f}" for n in cases))
+    print(" ".join(f"{n}_ms={results[n]['median_ms']:.2f}" for n in ("diffusion_ddim10", "diffusion_ddpm100", "bc")))
 
 
 if __name__ == "__main__":
