@@ -65,6 +65,7 @@ def evaluate(
     latencies = []
     bar = tqdm(total=n_episodes, desc="eval", unit="ep", disable=not progress)
     t_start = time.perf_counter()
+    env0_episodes = 0  # the video shows env 0's first `video_episodes` episodes
     if record:
         record = _grab_frame(envs, frames)
     while len(results) < n_episodes:
@@ -83,9 +84,11 @@ def evaluate(
         length += 1
         for k, n in zip(obs_keys, names):
             history[k] = np.concatenate([history[k][:, 1:], np.asarray(obs[n])[:, None]], axis=1)
-        if record and episode_of[0] < video_episodes:
-            record = _grab_frame(envs, frames)
         done = np.logical_or(terminated, truncated)
+        if record:
+            record = _grab_frame(envs, frames)
+            env0_episodes += int(done[0])
+            record = record and env0_episodes < video_episodes
         if not done.any():
             continue
         reset_seeds: list[int | None] = [None] * n_envs

@@ -137,7 +137,10 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
         if ema is not None:
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"]["torch"])
-        rng.bit_generator.state = state["rng"]["sampler"][rank] if rank < len(state["rng"]["sampler"]) else rng.bit_generator.state
+        if torch.cuda.is_available() and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if rank < len(state["rng"]["sampler"]):  # a rank added on resume keeps its fresh stream
+            rng.bit_generator.state = state["rng"]["sampler"][rank]
         step = int(state["step"])
         if is_main:
             print(f"resumed from {resume_dir} at step {step}")
@@ -169,7 +172,8 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
             "lr_scheduler": lr_scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "ema": ema.state_dict() if ema is not None else {},
-            "rng": {"torch": torch.get_rng_state(), "sampler": sampler_states},
+            "rng": {"torch": torch.get_rng_state(), "sampler": sampler_states,
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
         return ckpt.save_checkpoint(ckpt_root, at_step, deployable(), cfg, train_state, keep=tcfg.keep_checkpoints)
 
