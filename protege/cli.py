@@ -22,6 +22,9 @@ commands:
   eval    checkpoint=<dir> [overrides]      roll a checkpoint out; prints success_rate=<x>, writes eval.json
   collect task=<name> n_episodes=N out=<p>  scripted-expert demonstrations -> replay buffer
   inspect <buffer>                          episodes, keys, shapes, dtypes, fps of a replay buffer
+  convert <src> <out> [--format F]          robomimic / ALOHA hdf5 / npz folder -> replay buffer (resumable);
+                                            --to robomimic exports a buffer
+  validate <buffer>                         read every value: layout, lengths, finite numbers
 
 tasks: pointmass, pointmass_bimodal, metaworld (push-v3), or any Meta-World v3 name (task=door-open-v3)
 policies: diffusion, diffusion_paper, bc
@@ -155,7 +158,54 @@ def cmd_inspect(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "collect": cmd_collect, "inspect": cmd_inspect}
+def cmd_convert(args: list[str]) -> int:
+    import argparse
+
+    from protege.datasets.adapters import FORMAT_NAMES, convert
+    from protege.errors import ConfigError
+
+    p = argparse.ArgumentParser(prog="protege convert", description="dataset -> replay buffer (resumable), or a buffer -> robomimic hdf5 with --to robomimic")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--format", choices=FORMAT_NAMES, help="source format (default: detected)")
+    p.add_argument("--to", choices=["protege", "robomimic"], default="protege", help="output format")
+    p.add_argument("--fps", type=float, help="control rate, when the source does not record it")
+    p.add_argument("--map", action="append", default=[], metavar="KEY=SRC", help="npz: buffer key = npz key (repeatable)")
+    try:
+        a = p.parse_args(args)
+    except SystemExit as e:
+        if e.code == 0:
+            return 0
+        raise ConfigError("bad arguments (see protege convert --help)") from e
+    if a.to == "robomimic":
+        from protege.datasets.adapters.robomimic import export
+        from protege.datasets.replay_buffer import ReplayBuffer
+
+        print(f"wrote {export(ReplayBuffer.open(a.src), a.out)}")
+        return 0
+    options = {}
+    if a.fps:
+        options["fps"] = a.fps
+    if a.map:
+        options["key_map"] = dict(m.split("=", 1) for m in a.map)
+    print(convert(a.src, a.out, a.format, **options).summary())
+    return 0
+
+
+def cmd_validate(args: list[str]) -> int:
+    from protege.datasets.replay_buffer import ReplayBuffer
+    from protege.errors import ConfigError
+
+    if len(args) != 1:
+        raise ConfigError("usage: protege validate <buffer>")
+    buf = ReplayBuffer.open(args[0])
+    buf.validate_data()
+    print(f"{args[0]}: valid ({buf.n_episodes} episodes, {buf.n_steps} steps, keys {buf.keys()})")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "collect": cmd_collect, "inspect": cmd_inspect,
+            "convert": cmd_convert, "validate": cmd_validate}
 
 
 def main(argv: list[str] | None = None) -> int:

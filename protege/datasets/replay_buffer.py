@@ -292,6 +292,17 @@ class ReplayBuffer:
         if lengths[first_key] == 0:
             raise DataError(where, "action", "an episode with at least one step", "an empty episode (0 steps)")
 
+    def validate_data(self) -> None:
+        """Read every committed value, one episode at a time: float keys must be finite."""
+        for i in range(self.n_episodes):
+            sl = self.episode_slice(i)
+            for key, arr in self.data.items():
+                values = np.asarray(arr[sl])
+                if values.dtype.kind == "f" and not np.isfinite(values).all():
+                    bad = tuple(int(b) for b in np.argwhere(~np.isfinite(values))[0])
+                    raise DataError(self.path, f"data/{key}", "finite values",
+                                    f"{values[bad]} in episode {i} at step {sl.start + bad[0]}")
+
     # ------------------------------------------------------------------ display
     def summary(self) -> str:
         lengths = self.episode_lengths

@@ -1,0 +1,65 @@
+"""Source formats -> replay buffer, one module per format, one resumable conversion loop for all.
+
+Each format module provides a `Reader(path, **options)` with `n_episodes`, `fps`, `attrs` (metadata
+for the buffer: provenance, units, ...), `kinds` and `read_episode(i) -> {key: array}`; and
+`detect(path) -> bool` for `protege convert` to guess the format. Episodes are read, validated and
+committed one at a time, so memory stays bounded by one episode and an interrupted conversion
+resumes where it stopped (episodes already in the output are skipped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from protege.datasets.replay_buffer import ReplayBuffer
+from protege.errors import DataError
+
+
+def _formats() -> dict[str, Any]:
+    from protege.datasets.adapters import aloha, npz, robomimic
+
+    return {"robomimic": robomimic, "aloha": aloha, "npz": npz}
+
+
+FORMAT_NAMES = ("robomimic", "aloha", "npz")
+
+
+def detect_format(src: str | Path) -> str:
+    src = Path(src)
+    if not src.exists():
+        raise DataError(src, None, "an existing file or directory to convert", "no such path")
+    for name, module in _formats().items():
+        if module.detect(src):
+            return name
+    raise DataError(src, None, f"a dataset in one of the formats {FORMAT_NAMES} (or pass --format)", "no known layout")
+
+
+def open_reader(src: str | Path, fmt: str | None = None, **options: Any) -> Any:
+    fmt = fmt or detect_format(src)
+    formats = _formats()
+    if fmt not in formats:
+        raise DataError(src, None, f"a format in {FORMAT_NAMES}", repr(fmt))
+    return formats[fmt].Reader(Path(src), **options)
+
+
+def convert(src: str | Path, out: str | Path, fmt: str | None = None, progress: bool = True, **options: Any) -> ReplayBuffer:
+    """Convert `src` into the replay buffer `out`; rerunning after an interruption finishes the job."""
+    reader = open_reader(src, fmt, **options)
+    buf = ReplayBuffer.open_or_create(str(out), fps=reader.fps, attrs=reader.attrs)
+    if buf.n_episodes:  # resuming: the output must come from the same source
+        theirs, ours = buf.attrs.get("provenance", {}), reader.attrs["provenance"]
+        if (theirs.get("source"), theirs.get("adapter")) != (ours["source"], ours["adapter"]):
+            raise DataError(out, "attrs/provenance", f"a partial conversion of {ours['source']} ({ours['adapter']})",
+                            f"data from {theirs.get('source')} ({theirs.get('adapter')})")
+        if buf.n_episodes > reader.n_episodes:
+            raise DataError(out, "meta/episode_ends", f"at most {reader.n_episodes} episodes (the source's)", str(buf.n_episodes))
+    bar = tqdm(total=reader.n_episodes, initial=buf.n_episodes, desc=f"convert {Path(src).name}", unit="ep", disable=not progress)
+    for i in range(buf.n_episodes, reader.n_episodes):
+        buf.append_episode(reader.read_episode(i), kinds=reader.kinds)
+        bar.update(1)
+    bar.close()
+    reader.close()
+    return buf

@@ -1,0 +1,268 @@
+"""Dataset adapters: fixtures written here following each format's published layout."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from helpers import train_config
+
+from protege.cli import main
+from protege.datasets.adapters import convert
+from protege.datasets.adapters.robomimic import export
+from protege.datasets.replay_buffer import ReplayBuffer
+from protege.errors import DataError
+from protege.training.trainer import train
+
+
+def make_robomimic(path, lengths=(5, 7, 4), image=(8, 8), names=None, seed=0, mutate=None):
+    rng = np.random.default_rng(seed)
+    names = names or [f"demo_{i}" for i in range(len(lengths))]
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps({"env_name": "Lift", "type": 1, "env_kwargs": {"control_freq": 20}})
+        data.attrs["total"] = int(sum(lengths))
+        for name, n in zip(names, lengths):
+            g = data.create_group(name)
+            g.attrs["num_samples"] = n
+            # smooth, learnable demos: the action is a function of the current end-effector state
+            phase = rng.uniform(0, 2 * np.pi) + 0.2 * np.arange(n)
+            g["obs/robot0_eef_pos"] = np.stack([np.sin(phase), np.cos(phase), 0.01 * np.arange(n)], axis=1)
+            g["actions"] = np.concatenate([np.stack([np.cos(phase), -np.sin(phase)], axis=1), np.zeros((n, 5))], axis=1)
+            if image:
+                g["obs/agentview_image"] = rng.integers(0, 255, (n, *image, 3), dtype=np.uint8)
+            g["rewards"] = rng.random(n)
+            g["dones"] = (np.arange(n) == n - 1).astype(np.int64)
+            g["states"] = rng.standard_normal((n, 10))
+        f["mask/train"] = np.array([names[0].encode(), names[-1].encode()])
+        f["mask/valid"] = np.array([names[1].encode()])
+        if mutate:
+            mutate(f)
+    return path
+
+
+def make_aloha(folder, n=2, T=6, cams=("top",), size=(12, 16), sim=True, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        with h5py.File(folder / f"episode_{i}.hdf5", "w") as f:
+            f.attrs["sim"] = sim
+            f["observations/qpos"] = rng.standard_normal((T, 14))
+            f["observations/qvel"] = rng.standard_normal((T, 14))
+            for c in cams:
+                f[f"observations/images/{c}"] = rng.integers(0, 255, (T, *size, 3), dtype=np.uint8)
+            f["action"] = rng.standard_normal((T, 14))
+    return folder
+
+
+def make_npz(folder, n=3, T=5, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        np.savez(folder / f"ep{i}.npz", observations=rng.standard_normal((T + i, 4)).astype(np.float32),
+                 actions=rng.standard_normal((T + i, 2)).astype(np.float32))
+    return folder
+
+
+def test_robomimic_import_keeps_order_values_and_metadata(tmp_path):
+    src = make_robomimic(tmp_path / "lift.hdf5", lengths=(5, 7, 4), names=["demo_2", "demo_10", "demo_1"])
+    buf = convert(src, tmp_path / "out.zarr", progress=False)
+    with h5py.File(src) as f:
+        for i, demo in enumerate(["demo_1", "demo_2", "demo_10"]):  # robomimic's numeric demo order
+            ep = buf.get_episode(i)
+            np.testing.assert_array_equal(ep["action"], f[f"data/{demo}/actions"][()])
+            np.testing.assert_array_equal(ep["obs/agentview_image"], f[f"data/{demo}/obs/agentview_image"][()])
+            np.testing.assert_array_equal(ep["sim_state"], f[f"data/{demo}/states"][()])
+    meta = ReplayBuffer.open(tmp_path / "out.zarr").attrs
+    assert meta["fps"] == 20 and meta["robomimic"]["env_args"]["env_name"] == "Lift"
+    assert meta["robomimic"]["mask"] == {"train": [1, 0], "valid": [2]}  # [demo_2, demo_1], [demo_10] -> indices
+    assert buf.kinds["obs/agentview_image"] == "image" and buf.kinds["reward"] == "state"
+
+
+def test_aloha_import(tmp_path):
+    src = make_aloha(tmp_path / "aloha", n=3, cams=("top", "left_wrist"))
+    buf = convert(src, tmp_path / "out.zarr", progress=False)
+    assert buf.n_episodes == 3 and buf.fps == 50
+    assert set(buf.keys()) == {"obs/state", "obs/qvel", "obs/top", "obs/left_wrist", "action"}
+    with h5py.File(src / "episode_2.hdf5") as f:
+        np.testing.assert_array_equal(buf.get_episode(2)["obs/top"], f["observations/images/top"][()])
+    assert buf.attrs["provenance"]["sim"] is True and len(buf.attrs["units"]["joint_names"]) == 14
+
+
+def test_npz_import_with_key_map_and_natural_order(tmp_path):
+    src = make_npz(tmp_path / "npz", n=12)
+    buf = convert(src, tmp_path / "out.zarr", key_map={"obs/state": "observations", "action": "actions"}, progress=False)
+    assert buf.n_episodes == 12 and list(buf.episode_lengths[:3]) == [5, 6, 7]
+    assert buf.episode_lengths[10] == 15  # ep10 after ep9, not after ep1
+
+
+def test_round_trip_ours_robomimic_ours(tmp_path):
+    first = convert(make_robomimic(tmp_path / "a.hdf5"), tmp_path / "a.zarr", progress=False)
+    export(first, tmp_path / "b.hdf5", progress=False)
+    second = convert(tmp_path / "b.hdf5", tmp_path / "b.zarr", progress=False)
+    assert second.n_episodes == first.n_episodes and set(second.keys()) == set(first.keys())
+    for i in range(first.n_episodes):
+        a, b = first.get_episode(i), second.get_episode(i)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+            assert a[k].dtype == b[k].dtype
+    assert second.attrs["robomimic"]["mask"] == first.attrs["robomimic"]["mask"]
+    assert second.attrs["robomimic"]["env_args"] == first.attrs["robomimic"]["env_args"]
+    with h5py.File(tmp_path / "b.hdf5") as f:  # robomimic's own conventions
+        assert f["data"].attrs["total"] == first.n_steps
+        np.testing.assert_array_equal(f["data/demo_0/next_obs/robot0_eef_pos"][:-1], f["data/demo_0/obs/robot0_eef_pos"][1:])
+
+
+def test_a_policy_trains_from_a_converted_buffer(tmp_path):
+    buf = convert(make_robomimic(tmp_path / "r.hdf5", lengths=(30, 25, 40), image=None), tmp_path / "r.zarr", progress=False)
+    cfg = train_config(tmp_path, "task=pointmass", "policy=bc", f"dataset={buf.path}", "task.obs_keys=[obs/robot0_eef_pos]",
+                       "train.steps=200", "train.batch_size=64", "eval.n_episodes=0")
+    losses = train(cfg, progress=False)["losses"]
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5])
+
+
+# ------------------------------------------------------------------ malformed inputs
+def _rm(key):
+    return lambda f: f.__delitem__(key)
+
+
+def _empty_demo(g):
+    for key in list(g):
+        del g[key]
+    g["actions"] = np.zeros((0, 7))
+    g["obs/robot0_eef_pos"] = np.zeros((0, 3))
+
+
+def _replace(key, value):
+    def mutate(f):
+        del f[key]
+        f[key] = value
+    return mutate
+
+
+BAD_ROBOMIMIC = {
+    "missing data group": (_rm("data"), "data", "demo_<N>"),
+    "missing actions": (_rm("data/demo_1/actions"), "data/demo_1/actions", "missing"),
+    "missing obs group": (_rm("data/demo_1/obs"), "data/demo_1/obs", "missing"),
+    "actions of strings": (_replace("data/demo_1/actions", np.array([[b"x"] * 7] * 7)), "data/demo_1/actions", "numeric"),
+    "obs shorter than actions": (_replace("data/demo_1/obs/robot0_eef_pos", np.zeros((6, 3))), "data/demo_1/obs/robot0_eef_pos", "6 steps"),
+    "NaN action": (_replace("data/demo_1/actions", np.full((7, 7), np.nan)), "data/demo_1/actions", "finite"),
+    "empty episode": (lambda f: _empty_demo(f["data/demo_1"]), "data/demo_1/actions", "0 steps"),
+    "float images": (_replace("data/demo_1/obs/agentview_image", np.zeros((7, 8, 8, 3), np.float32)), "data/demo_1/obs/agentview_image", "uint8"),
+    "images of another size": (_replace("data/demo_1/obs/agentview_image", np.zeros((7, 9, 8, 3), np.uint8)), "data/demo_1/obs/agentview_image", "(9, 8, 3)"),
+    "mask names a missing demo": (_replace("mask/valid", np.array([b"demo_9"])), "mask/valid", "demo_9"),
+    "env_args not JSON": (lambda f: f["data"].attrs.__setitem__("env_args", "{nope"), "env_args", "invalid JSON"),
+    "unexpected group name": (lambda f: f["data"].create_group("trajectory_1"), "data/trajectory_1", "demo_<N>"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROBOMIMIC))
+def test_malformed_robomimic(tmp_path, case):
+    mutate, key, found = BAD_ROBOMIMIC[case]
+    src = make_robomimic(tmp_path / "bad.hdf5", lengths=(5, 7, 4), mutate=mutate)
+    out = tmp_path / "out.zarr"
+    with pytest.raises(DataError) as err:
+        convert(src, out, fmt="robomimic", progress=False)
+    msg = str(err.value)
+    assert "bad.hdf5" in msg and key in msg and "expected" in msg and found in msg, msg
+    if out.exists():  # only complete, valid episodes were committed (demo_0 before the bad demo_1)
+        assert ReplayBuffer.open(out).n_episodes <= 1
+
+
+def test_truncated_hdf5(tmp_path):
+    src = make_robomimic(tmp_path / "t.hdf5")
+    src.write_bytes(src.read_bytes()[: src.stat().st_size // 3])
+    with pytest.raises(DataError, match=r"t\.hdf5.*readable HDF5"):
+        convert(src, tmp_path / "out.zarr", fmt="robomimic", progress=False)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_malformed_aloha(tmp_path):
+    src = make_aloha(tmp_path / "a", n=3)
+    with h5py.File(src / "episode_1.hdf5", "a") as f:
+        del f["observations/qpos"]
+    with pytest.raises(DataError, match=r"episode_1\.hdf5 \[observations/qpos\]: expected an HDF5 dataset, found missing"):
+        convert(src, tmp_path / "o1.zarr", progress=False)
+    assert ReplayBuffer.open(tmp_path / "o1.zarr").n_episodes == 1
+
+    src = make_aloha(tmp_path / "b", n=2)
+    make_aloha(tmp_path / "b2", n=1, size=(10, 16))
+    (tmp_path / "b2" / "episode_0.hdf5").rename(src / "episode_2.hdf5")
+    with pytest.raises(DataError, match=r"episode_2\.hdf5 \[observations/images/top\].*\(12, 16, 3\).*\(10, 16, 3\)"):
+        convert(src, tmp_path / "o2.zarr", progress=False)
+
+    src = make_aloha(tmp_path / "c", n=2)
+    (src / "episode_01.hdf5").write_bytes((src / "episode_1.hdf5").read_bytes())  # index 1 twice
+    with pytest.raises(DataError, match="one file per episode index"):
+        convert(src, tmp_path / "o3.zarr", progress=False)
+
+    src = make_aloha(tmp_path / "d", n=1, cams=("top",))
+    make_aloha(tmp_path / "d2", n=1, cams=("top", "wrist"))
+    (tmp_path / "d2" / "episode_0.hdf5").rename(src / "episode_1.hdf5")
+    with pytest.raises(DataError, match=r"episode_1\.hdf5 \[observations/images\].*\['top'\]"):
+        convert(src, tmp_path / "o4.zarr", progress=False)
+
+
+def test_malformed_npz(tmp_path):
+    src = make_npz(tmp_path / "n", n=2)
+    with pytest.raises(DataError, match=r"ep0\.npz \[acts\]: expected npz keys"):
+        convert(src, tmp_path / "o.zarr", key_map={"action": "acts"}, progress=False)
+    (src / "ep1.npz").write_bytes(b"not a zip file")
+    with pytest.raises(DataError, match=r"ep1\.npz: expected a readable \.npz file"):
+        convert(src, tmp_path / "o2.zarr", key_map={"action": "actions"}, progress=False)
+    src = make_npz(tmp_path / "m", n=1)
+    np.savez(src / "ep1.npz", observations=np.zeros((3, 4)), actions=np.array([{"a": 1}] * 3, dtype=object))
+    with pytest.raises(DataError, match=r"ep1\.npz.*readable arrays"):
+        convert(src, tmp_path / "o3.zarr", key_map={"action": "actions"}, progress=False)
+
+
+def test_unknown_layout_and_foreign_resume(tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "readme.txt").write_text("hello")
+    with pytest.raises(DataError, match="no known layout"):
+        convert(tmp_path / "junk", tmp_path / "o.zarr", progress=False)
+    convert(make_npz(tmp_path / "n"), tmp_path / "o.zarr", key_map={"action": "actions"}, progress=False)
+    with pytest.raises(DataError, match=r"o\.zarr \[attrs/provenance\]: expected a partial conversion"):
+        convert(make_robomimic(tmp_path / "r.hdf5"), tmp_path / "o.zarr", progress=False)
+
+
+CONVERTER = "import sys; from protege.cli import main; sys.exit(main(['convert', sys.argv[1], sys.argv[2]]))"
+
+
+def test_conversion_killed_then_resumed_matches_a_clean_one(tmp_path):
+    src = make_robomimic(tmp_path / "big.hdf5", lengths=[40] * 40, image=(64, 64))
+    out = tmp_path / "out.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", CONVERTER, str(src), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # kill once a few episodes are committed
+        try:
+            if ReplayBuffer.open(out).n_episodes >= 3:
+                break
+        except DataError:
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = ReplayBuffer.open(out).n_episodes
+    assert 3 <= partial < 40
+    assert main(["convert", str(src), str(out)]) == 0
+    clean = convert(src, tmp_path / "clean.zarr", progress=False)
+    resumed = ReplayBuffer.open(out)
+    assert resumed.n_episodes == 40
+    for k in clean.keys():
+        np.testing.assert_array_equal(np.asarray(resumed.data[k][:]), np.asarray(clean.data[k][:]), err_msg=k)
+
+
+def test_validate_cli(tmp_path, capsys):
+    buf = convert(make_npz(tmp_path / "n"), tmp_path / "o.zarr", key_map={"action": "actions"}, progress=False)
+    assert main(["validate", str(tmp_path / "o.zarr")]) == 0
+    assert "valid" in capsys.readouterr().out
+    buf.data["action"][1] = np.nan  # corrupt a stored value behind the buffer's back
+    assert main(["validate", str(tmp_path / "o.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert "data/action" in err and "finite" in err and "episode 0" in err
