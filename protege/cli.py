@@ -22,8 +22,8 @@ commands:
   eval    checkpoint=<dir> [overrides]      roll a checkpoint out; prints success_rate=<x>, writes eval.json
   collect task=<name> n_episodes=N out=<p>  scripted-expert demonstrations -> replay buffer
   inspect <buffer>                          episodes, keys, shapes, dtypes, fps of a replay buffer
-  convert <src> <out> [--format F]          robomimic / ALOHA hdf5 / npz folder -> replay buffer (resumable);
-                                            --to robomimic exports a buffer
+  convert <src> <out> [--format F]          LeRobot v2.1/v3 / robomimic / ALOHA hdf5 / npz folder -> replay buffer
+                                            (resumable); --to lerobot|robomimic exports a buffer
   validate <buffer>                         read every value: layout, lengths, finite numbers
 
 tasks: pointmass, pointmass_bimodal, metaworld (push-v3), or any Meta-World v3 name (task=door-open-v3)
@@ -154,7 +154,7 @@ def cmd_inspect(args: list[str]) -> int:
 
     if len(args) != 1:
         raise ConfigError("usage: protege inspect <buffer>")
-    print(ReplayBuffer.open(args[0]).summary())
+    print(ReplayBuffer.open(args[0]).summary(stats=True))
     return 0
 
 
@@ -164,11 +164,12 @@ def cmd_convert(args: list[str]) -> int:
     from protege.datasets.adapters import FORMAT_NAMES, convert
     from protege.errors import ConfigError
 
-    p = argparse.ArgumentParser(prog="protege convert", description="dataset -> replay buffer (resumable), or a buffer -> robomimic hdf5 with --to robomimic")
+    p = argparse.ArgumentParser(prog="protege convert", description="dataset -> replay buffer (resumable); "
+                                "--to robomimic|lerobot exports a buffer")
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--format", choices=FORMAT_NAMES, help="source format (default: detected)")
-    p.add_argument("--to", choices=["protege", "robomimic"], default="protege", help="output format")
+    p.add_argument("--to", choices=["protege", "robomimic", "lerobot"], default="protege", help="output format")
     p.add_argument("--fps", type=float, help="control rate, when the source does not record it")
     p.add_argument("--map", action="append", default=[], metavar="KEY=SRC", help="npz: buffer key = npz key (repeatable)")
     try:
@@ -177,11 +178,12 @@ def cmd_convert(args: list[str]) -> int:
         if e.code == 0:
             return 0
         raise ConfigError("bad arguments (see protege convert --help)") from e
-    if a.to == "robomimic":
-        from protege.datasets.adapters.robomimic import export
+    if a.to != "protege":  # export a replay buffer
+        from protege.datasets.adapters import lerobot, robomimic
         from protege.datasets.replay_buffer import ReplayBuffer
 
-        print(f"wrote {export(ReplayBuffer.open(a.src), a.out)}")
+        exporter = {"robomimic": robomimic.export, "lerobot": lerobot.export}[a.to]
+        print(f"wrote {exporter(ReplayBuffer.open(a.src), a.out)}")
         return 0
     options = {}
     if a.fps:

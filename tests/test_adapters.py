@@ -266,3 +266,165 @@ def test_validate_cli(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "o.zarr")]) == 2
     err = capsys.readouterr().err
     assert "data/action" in err and "finite" in err and "episode 0" in err
+
+
+# ------------------------------------------------------------------ LeRobot
+def make_ours(path, n=3, fps=10, image=(32, 48)):
+    rng = np.random.default_rng(1)
+    buf = ReplayBuffer.create(path, fps=fps, attrs={"tasks": ["push the cube", "lift"], "units": {"action": "m/s"},
+                                                    "provenance": {"source": "unit test"}})
+    yy, xx = np.mgrid[0 : image[0], 0 : image[1]]
+    for e in range(n):
+        T = 8 + e
+        img = np.stack([np.stack([(xx * 5 + t * 3 + e * 20) % 256, (yy * 7) % 256, np.full_like(xx, 100)], -1)
+                        for t in range(T)]).astype(np.uint8)  # smooth frames, like camera images
+        buf.append_episode({"obs/state": rng.standard_normal((T, 5)).astype(np.float32),
+                            "action": rng.standard_normal((T, 3)).astype(np.float32),
+                            "obs/front": img, "task": np.full(T, e % 2, np.int64), "reward": rng.random(T)})
+    return buf
+
+
+def test_round_trip_ours_lerobot_v3_ours(tmp_path):
+    import pyarrow.parquet as pq
+
+    from protege.datasets.adapters.lerobot import export as export_lerobot
+
+    ours = make_ours(tmp_path / "ours.zarr")
+    assert main(["convert", str(tmp_path / "ours.zarr"), str(tmp_path / "lr"), "--to", "lerobot"]) == 0
+    info = json.loads((tmp_path / "lr" / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["total_frames"] == ours.n_steps and info["fps"] == 10
+    assert info["features"]["observation.images.front"]["dtype"] == "video"
+    assert pq.read_table(tmp_path / "lr" / "data" / "chunk-000" / "file-000.parquet").column("index").to_pylist() == list(range(ours.n_steps))
+    back = convert(tmp_path / "lr", tmp_path / "back.zarr", progress=False)
+    for i in range(ours.n_episodes):
+        a, b = ours.get_episode(i), back.get_episode(i)
+        assert set(a) == set(b)
+        for k in a:
+            if k == "obs/front":  # lossy AV1: within codec tolerance
+                assert np.abs(a[k].astype(int) - b[k].astype(int)).mean() < 6, k
+            else:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+                assert a[k].dtype == b[k].dtype
+    assert back.attrs["tasks"] == ["push the cube", "lift"] and back.attrs["units"] == {"action": "m/s"}
+    assert back.kinds == ours.kinds and back.fps == ours.fps
+    assert back.attrs["provenance"]["origin"] == {"source": "unit test"}
+    with pytest.raises(DataError, match="existing path"):
+        export_lerobot(ours, tmp_path / "lr")
+
+
+def make_v21(folder, n=2, T=6, fps=10):
+    """A LeRobot v2.1 dataset as lerobot 0.3.3 lays it out: one parquet and one mp4 per episode."""
+    import av
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(2)
+    (folder / "meta").mkdir(parents=True)
+    info = {"codebase_version": "v2.1", "robot_type": "so100", "total_episodes": n, "total_frames": n * T, "total_tasks": 1,
+            "total_videos": n, "total_chunks": 1, "chunks_size": 1000, "fps": fps, "splits": {"train": f"0:{n}"},
+            "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+            "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
+            "features": {"action": {"dtype": "float32", "shape": [2], "names": None},
+                         "observation.state": {"dtype": "float32", "shape": [2], "names": None},
+                         "observation.images.top": {"dtype": "video", "shape": [16, 16, 3], "names": ["height", "width", "channels"]},
+                         **{k: {"dtype": d, "shape": [1], "names": None} for k, d in
+                            [("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"), ("index", "int64"), ("task_index", "int64")]}}}
+    (folder / "meta" / "info.json").write_text(json.dumps(info))
+    (folder / "meta" / "tasks.jsonl").write_text(json.dumps({"task_index": 0, "task": "stack"}) + "\n")
+    (folder / "meta" / "episodes.jsonl").write_text("".join(json.dumps({"episode_index": i, "tasks": ["stack"], "length": T}) + "\n" for i in range(n)))
+    for i in range(n):
+        (folder / "data" / "chunk-000").mkdir(parents=True, exist_ok=True)
+        vec = lambda a: pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), 2)  # noqa: E731
+        pq.write_table(pa.table({"action": vec(rng.standard_normal((T, 2)).astype(np.float32)),
+                                 "observation.state": vec(rng.standard_normal((T, 2)).astype(np.float32)),
+                                 "timestamp": pa.array((np.arange(T) / fps).astype(np.float32)), "frame_index": pa.array(np.arange(T)),
+                                 "episode_index": pa.array(np.full(T, i)), "index": pa.array(np.arange(i * T, (i + 1) * T)),
+                                 "task_index": pa.array(np.zeros(T, np.int64))}),
+                       folder / "data" / "chunk-000" / f"episode_{i:06d}.parquet")
+        vdir = folder / "videos" / "chunk-000" / "observation.images.top"
+        vdir.mkdir(parents=True, exist_ok=True)
+        with av.open(str(vdir / f"episode_{i:06d}.mp4"), "w") as c:
+            s = c.add_stream("h264", rate=fps)
+            s.pix_fmt, s.height, s.width = "yuv420p", 16, 16
+            for t in range(T):
+                f = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 40 * t, np.uint8), format="rgb24")
+                f.pts = t
+                for p in s.encode(f):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+    return folder
+
+
+def test_lerobot_v21_import(tmp_path):
+    buf = convert(make_v21(tmp_path / "v21"), tmp_path / "o.zarr", progress=False)
+    assert buf.n_episodes == 2 and buf.fps == 10 and buf.attrs["tasks"] == ["stack"]
+    assert set(buf.keys()) == {"action", "obs/state", "obs/top", "task"}
+    top = buf.get_episode(1)["obs/top"]
+    assert top.shape == (6, 16, 16, 3) and abs(int(top[3].mean()) - 120) <= 6  # frame t has value 40 t
+
+
+def _edit_json(file, **changes):
+    data = json.loads(file.read_text())
+    data.update(changes)
+    file.write_text(json.dumps(data))
+
+
+def test_malformed_lerobot(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def fresh(name):
+        return make_v21(tmp_path / name)
+
+    src = fresh("version")
+    _edit_json(src / "meta" / "info.json", codebase_version="v9.9")
+    with pytest.raises(DataError, match=r"info\.json \[codebase_version\]: expected one of \('v2\.1', 'v3\.0'\), found 'v9\.9'"):
+        convert(src, tmp_path / "o1.zarr", progress=False)
+
+    src = fresh("novideo")
+    (src / "videos" / "chunk-000" / "observation.images.top" / "episode_000001.mp4").unlink()
+    with pytest.raises(DataError, match=r"episode_000001\.mp4 \[observation\.images\.top\]: expected the episode's video file, found missing"):
+        convert(src, tmp_path / "o2.zarr", progress=False)
+    assert ReplayBuffer.open(tmp_path / "o2.zarr").n_episodes == 1  # episode 0 complete, nothing of episode 1
+
+    src = fresh("corrupt")
+    video = src / "videos" / "chunk-000" / "observation.images.top" / "episode_000000.mp4"
+    video.write_bytes(b"\x00" * 64 + video.read_bytes()[200:])
+    with pytest.raises(DataError, match=r"episode_000000\.mp4 \[observation\.images\.top\]: expected (a decodable mp4|6 frames)"):
+        convert(src, tmp_path / "o3.zarr", progress=False)
+
+    src = fresh("timestamps")
+    f = src / "data" / "chunk-000" / "episode_000000.parquet"
+    t = pq.read_table(f)
+    ts = t.column("timestamp").to_numpy().copy()
+    ts[3] = ts[1]
+    pq.write_table(t.set_column(t.column_names.index("timestamp"), "timestamp", pa.array(ts)), f)
+    with pytest.raises(DataError, match=r"episode_000000\.parquet \[timestamp\]: expected strictly increasing"):
+        convert(src, tmp_path / "o4.zarr", progress=False)
+
+    src = fresh("dup")
+    (src / "meta" / "episodes.jsonl").write_text("".join(json.dumps({"episode_index": 0, "tasks": [], "length": 6}) + "\n" for _ in range(2)))
+    with pytest.raises(DataError, match=r"episodes\.jsonl \[episode_index\]: expected each episode index once, found episode 0 2 times"):
+        convert(src, tmp_path / "o5.zarr", progress=False)
+
+    src = fresh("length")
+    (src / "meta" / "episodes.jsonl").write_text("".join(json.dumps({"episode_index": i, "tasks": [], "length": 7}) + "\n" for i in range(2)))
+    with pytest.raises(DataError, match=r"episode_000000\.parquet \[episode_index\]: expected 7 rows"):
+        convert(src, tmp_path / "o6.zarr", progress=False)
+
+    src = fresh("nodata")
+    (src / "data" / "chunk-000" / "episode_000000.parquet").unlink()
+    with pytest.raises(DataError, match=r"episode_000000\.parquet: expected the data parquet of episode 0, found missing"):
+        convert(src, tmp_path / "o7.zarr", progress=False)
+
+
+def test_convert_into_an_fsspec_memory_store(tmp_path, capsys):
+    src = make_npz(tmp_path / "n", n=3)
+    buf = convert(src, "memory://adapters/out.zarr", key_map={"action": "actions", "obs/state": "observations"}, progress=False)
+    again = ReplayBuffer.open("memory://adapters/out.zarr")
+    assert again.n_episodes == 3 and again.path == "memory://adapters/out.zarr"
+    np.testing.assert_array_equal(again.get_episode(2)["obs/state"], buf.get_episode(2)["obs/state"])
+    assert main(["inspect", "memory://adapters/out.zarr"]) == 0
+    out = capsys.readouterr().out
+    assert "min [" in out and "mean [" in out and "provenance" in out and "npz" in out

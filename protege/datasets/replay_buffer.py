@@ -304,7 +304,8 @@ class ReplayBuffer:
                                     f"{values[bad]} in episode {i} at step {sl.start + bad[0]}")
 
     # ------------------------------------------------------------------ display
-    def summary(self) -> str:
+    def summary(self, stats: bool = False) -> str:
+        """Human-readable overview; `stats` adds min/mean/max of every non-image key (reads them)."""
         lengths = self.episode_lengths
         lines = [
             f"replay buffer {self.path}",
@@ -318,6 +319,10 @@ class ReplayBuffer:
             chunks = getattr(arr, "chunks", None)
             lines.append(f"    {key:<24} {kind:<8} shape {(self.n_steps, *arr.shape[1:])!s:<20} {arr.dtype!s:<8}"
                          + (f" chunks {chunks}" if chunks else ""))
+            if stats and kind != "image" and self.n_steps:
+                x = np.asarray(arr[: self.n_steps], dtype=np.float64).reshape(self.n_steps, -1)
+                fmt = lambda v: np.array2string(v[:8], precision=3, separator=", ") + (" ..." if len(v) > 8 else "")  # noqa: E731
+                lines.append(f"      min {fmt(x.min(0))}  mean {fmt(x.mean(0))}  max {fmt(x.max(0))}")
         for name in ("units", "provenance"):
             if self.attrs.get(name):
                 lines.append(f"  {name}: {self.attrs[name]}")

@@ -19,12 +19,12 @@ from protege.errors import DataError
 
 
 def _formats() -> dict[str, Any]:
-    from protege.datasets.adapters import aloha, npz, robomimic
+    from protege.datasets.adapters import aloha, lerobot, npz, robomimic
 
-    return {"robomimic": robomimic, "aloha": aloha, "npz": npz}
+    return {"lerobot": lerobot, "robomimic": robomimic, "aloha": aloha, "npz": npz}
 
 
-FORMAT_NAMES = ("robomimic", "aloha", "npz")
+FORMAT_NAMES = ("lerobot", "robomimic", "aloha", "npz")
 
 
 def detect_format(src: str | Path) -> str:
