@@ -11,6 +11,7 @@ class DataError(ProtegeError, ValueError):
     """Bad or inconsistent data: names the file, the key, what was expected and what was found."""
 
     def __init__(self, path: object, key: str | None, expected: str, found: str) -> None:
+        found = " ".join(str(found).split())  # library messages (h5py, ffmpeg) may span lines: keep one
         self.path, self.key, self.expected, self.found = str(path), key, expected, found
         where = f"{self.path}" + (f" [{key}]" if key else "")
         super().__init__(f"{where}: expected {expected}, found {found}")
