@@ -84,3 +84,11 @@ def test_metaworld_camera_observations():
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and img.std() > 5
     obs2, *_ = env.step(np.array([1.0, 0.0, 0.0, 0.0]))
     assert obs2["corner"].shape == (32, 32, 3)
+
+
+def test_async_vector_env_gives_the_same_results():
+    env_fn = lambda i: make_env("pointmass", render_mode="rgb_array" if i == 0 else None)  # noqa: E731
+    sync = evaluate(_Greedy(), env_fn, n_episodes=4, n_envs=2, seed=9, progress=False)
+    asyn = evaluate(_Greedy(), env_fn, n_episodes=4, n_envs=2, seed=9, progress=False, asynchronous=True)
+    assert [e["length"] for e in sync["episodes"]] == [e["length"] for e in asyn["episodes"]]
+    assert sync["success_rate"] == asyn["success_rate"] == 1.0
