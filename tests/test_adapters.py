@@ -428,3 +428,17 @@ def test_convert_into_an_fsspec_memory_store(tmp_path, capsys):
     assert main(["inspect", "memory://adapters/out.zarr"]) == 0
     out = capsys.readouterr().out
     assert "min [" in out and "mean [" in out and "provenance" in out and "npz" in out
+
+
+def test_lerobot_export_refuses_what_it_cannot_represent(tmp_path):
+    from protege.datasets.adapters.lerobot import export as export_lerobot
+
+    buf = ReplayBuffer.create(tmp_path / "b.zarr", fps=10, attrs={"tasks": ["only one"]})
+    buf.append_episode({"action": np.zeros((3, 2), np.float32), "task": np.array([0, 1, 0])})
+    with pytest.raises(DataError, match=r"\[task\]: expected indices into attrs\['tasks'\] \(1 strings\), found index 1"):
+        export_lerobot(buf, tmp_path / "lr")
+    odd = ReplayBuffer.create(tmp_path / "odd.zarr", fps=7.5)
+    odd.append_episode({"action": np.zeros((3, 2), np.float32)})
+    with pytest.raises(DataError, match="integer frame rate"):
+        export_lerobot(odd, tmp_path / "lr2")
+    assert not (tmp_path / "lr").exists() and not (tmp_path / "lr2").exists()

@@ -277,12 +277,18 @@ def export(buffer: ReplayBuffer, out: str | Path, robot_type: str | None = None,
                                        "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
                                        "video.channels": c, "has_audio": False}}
         elif key != "task":
+            if "/" in name:
+                raise DataError(buffer.path, key, "LeRobot feature names without '/' (obs/<x> or a plain name)", repr(name))
             if arr.ndim > 2:
                 raise DataError(buffer.path, key, "vectors (T, D) or images for LeRobot export", f"shape {arr.shape}")
             features[name] = {"dtype": str(arr.dtype), "shape": [arr.shape[1]] if arr.ndim == 2 else [1], "names": None}
     for name, dtype in zip(META_COLUMNS, ("float32", "int64", "int64", "int64", "int64")):
         features[name] = {"dtype": dtype, "shape": [1], "names": None}
     tasks = list(buffer.attrs.get("tasks") or ["unspecified task"])
+    if "task" in buffer.keys():
+        top = int(np.asarray(buffer.data["task"][: buffer.n_steps]).max(initial=0))
+        if top >= len(tasks):
+            raise DataError(buffer.path, "task", f"indices into attrs['tasks'] ({len(tasks)} strings)", f"index {top}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
         (tmp / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
