@@ -266,31 +266,19 @@ class ReplayBuffer:
                 raise DataError(where, missing[0], f"every buffer key {sorted(self.data)} in the episode", "key missing")
         elif "action" not in episode:
             raise DataError(where, "action", "an 'action' array in every episode", f"keys {sorted(episode)}")
-        lengths = {k: (len(v) if v.ndim else -1) for k, v in episode.items()}
-        first_key = "action"
+        check_episode_arrays(where, episode)
         for key, arr in episode.items():
-            if arr.ndim == 0:
-                raise DataError(where, key, "a time-major array (T, ...)", "a scalar")
-            if lengths[key] != lengths[first_key]:
-                raise DataError(where, key, f"{lengths[first_key]} steps (same as 'action')", f"{lengths[key]} steps")
-            if arr.dtype.kind not in "biuf":
-                raise DataError(where, key, "a numeric (bool/int/float) array", f"dtype {arr.dtype}")
             kind = kinds.get(key) or self.kinds.get(key) or infer_kind(key, arr)
             if kind not in KINDS:
                 raise DataError(where, f"kinds/{key}", f"one of {KINDS}", repr(kind))
             if kind == "image" and arr.dtype != np.uint8:
                 raise DataError(where, key, "uint8 images (T, H, W, C)", f"dtype {arr.dtype}")
-            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                bad = np.argwhere(~np.isfinite(arr))[0]
-                raise DataError(where, key, "finite values", f"{arr[tuple(bad)]} at index {tuple(int(b) for b in bad)}")
             if key in self.data:
                 existing = self.data[key]
                 if tuple(arr.shape[1:]) != tuple(existing.shape[1:]):
                     raise DataError(where, key, f"per-step shape {tuple(existing.shape[1:])}", f"{tuple(arr.shape[1:])}")
                 if not np.can_cast(arr.dtype, existing.dtype, casting="same_kind"):
                     raise DataError(where, key, f"dtype castable to {existing.dtype}", f"dtype {arr.dtype}")
-        if lengths[first_key] == 0:
-            raise DataError(where, "action", "an episode with at least one step", "an empty episode (0 steps)")
 
     def validate_data(self) -> None:
         """Read every committed value, one episode at a time: float keys must be finite."""
@@ -327,6 +315,26 @@ class ReplayBuffer:
             if self.attrs.get(name):
                 lines.append(f"  {name}: {self.attrs[name]}")
         return "\n".join(lines)
+
+
+def check_episode_arrays(where: object, arrays: Mapping[str, np.ndarray], names: Mapping[str, str] | None = None) -> None:
+    """The checks every episode needs, wherever it comes from: time-major numeric arrays, all as long
+    as 'action', finite, at least one step. Errors name `names[key]` when given (an adapter passes
+    the source dataset's own key, e.g. 'data/demo_3/actions'), else the buffer key."""
+    name = lambda k: (names or {}).get(k, k)  # noqa: E731
+    n = len(arrays["action"]) if arrays["action"].ndim else -1
+    for key, arr in arrays.items():
+        if arr.ndim == 0:
+            raise DataError(where, name(key), "a time-major array (T, ...)", "a scalar")
+        if len(arr) != n:
+            raise DataError(where, name(key), f"{n} steps (same as {name('action')!r})", f"{len(arr)} steps")
+        if arr.dtype.kind not in "biuf":
+            raise DataError(where, name(key), "a numeric (bool/int/float) array", f"dtype {arr.dtype}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = tuple(int(b) for b in np.argwhere(~np.isfinite(arr))[0])
+            raise DataError(where, name(key), "finite values", f"{arr[bad]} at index {bad}")
+    if n == 0:
+        raise DataError(where, name("action"), "an episode with at least one step", "an empty episode (0 steps)")
 
 
 def _array_keys(group: zarr.Group, prefix: str = "") -> list[str]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from protege.datasets.replay_buffer import check_episode_arrays
 from protege.errors import DataError
 
 
@@ -33,21 +34,9 @@ def h5_array(f: Any, key: str, path: Path) -> np.ndarray:
 
 
 def check_episode(path: Path, arrays: dict[str, np.ndarray], sources: dict[str, str]) -> dict[str, np.ndarray]:
-    """Same length as 'action' everywhere, numeric, finite, non-empty. Errors name the source key
-    (`sources[key]`, e.g. 'data/demo_3/obs/eef_pos'), not ours."""
-    name = lambda k: sources.get(k, k)  # noqa: E731
-    n = len(arrays["action"])
-    if n == 0:
-        raise DataError(path, name("action"), "an episode with at least one step", "0 steps")
-    for key, arr in arrays.items():
-        if arr.dtype.kind not in "biuf":
-            raise DataError(path, name(key), "a numeric array", f"dtype {arr.dtype}")
-        if arr.ndim == 0 or len(arr) != n:
-            found = "a scalar" if arr.ndim == 0 else f"{len(arr)} steps"
-            raise DataError(path, name(key), f"{n} steps (as {name('action')})", found)
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
-            raise DataError(path, name(key), "finite values", f"{arr[bad]} at index {bad}")
+    """The replay buffer's episode checks, run before writing so errors name the source file and
+    its own key (`sources[key]`, e.g. 'data/demo_3/obs/eef_pos'). Returns the arrays."""
+    check_episode_arrays(path, arrays, sources)
     return arrays
 
 
