@@ -1,9 +1,7 @@
-import json
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from helpers import train_config
 from omegaconf import open_dict

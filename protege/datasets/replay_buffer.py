@@ -237,8 +237,8 @@ class ReplayBuffer:
 
     def _validate(self) -> None:
         n = self.n_steps
-        if len(self.episode_ends) and (np.diff(self.episode_ends, prepend=0) <= 0).any():
-            bad = int(np.argmax(np.diff(self.episode_ends, prepend=0) <= 0))
+        if len(self.episode_ends) and (self.episode_lengths <= 0).any():
+            bad = int(np.argmax(self.episode_lengths <= 0))
             raise DataError(self.path, "meta/episode_ends", "strictly increasing cumulative episode ends",
                             f"{self.episode_ends[bad]} at episode {bad}")
         for key, arr in self.data.items():
@@ -281,15 +281,10 @@ class ReplayBuffer:
                     raise DataError(where, key, f"dtype castable to {existing.dtype}", f"dtype {arr.dtype}")
 
     def validate_data(self) -> None:
-        """Read every committed value, one episode at a time: float keys must be finite."""
+        """Read every committed value, one episode at a time, through the same checks as an append."""
+        names = {k: f"data/{k}" for k in self.data}
         for i in range(self.n_episodes):
-            sl = self.episode_slice(i)
-            for key, arr in self.data.items():
-                values = np.asarray(arr[sl])
-                if values.dtype.kind == "f" and not np.isfinite(values).all():
-                    bad = tuple(int(b) for b in np.argwhere(~np.isfinite(values))[0])
-                    raise DataError(self.path, f"data/{key}", "finite values",
-                                    f"{values[bad]} in episode {i} at step {sl.start + bad[0]}")
+            check_episode_arrays(f"{self.path} (episode {i})", self.get_episode(i), names)
 
     # ------------------------------------------------------------------ display
     def summary(self, stats: bool = False) -> str:

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from protege.datasets.replay_buffer import check_episode_arrays
 from protege.errors import DataError
 
 
@@ -31,13 +30,6 @@ def h5_array(f: Any, key: str, path: Path) -> np.ndarray:
         return np.asarray(node[()])
     except (OSError, KeyError, ValueError) as e:  # truncated file, broken chunk
         raise DataError(path, key, "readable data", f"a read error ({e})") from e
-
-
-def check_episode(path: Path, arrays: dict[str, np.ndarray], sources: dict[str, str]) -> dict[str, np.ndarray]:
-    """The replay buffer's episode checks, run before writing so errors name the source file and
-    its own key (`sources[key]`, e.g. 'data/demo_3/obs/eef_pos'). Returns the arrays."""
-    check_episode_arrays(path, arrays, sources)
-    return arrays
 
 
 def check_images(path: Path, key: str, arr: np.ndarray, shape: tuple[int, ...] | None) -> None:

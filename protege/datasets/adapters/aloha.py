@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from protege.datasets.adapters._common import check_episode, check_images, h5_array, open_h5
+from protege.datasets.adapters._common import check_images, h5_array, open_h5
+from protege.datasets.replay_buffer import check_episode_arrays
 from protege.errors import DataError
 
 _EPISODE = re.compile(r"^episode_(\d+)\.hdf5$")
@@ -78,7 +79,8 @@ class Reader:
         for c in cams:
             check_images(file, sources[f"obs/{c}"], arrays[f"obs/{c}"], self._image_shapes.get(c))
             self._image_shapes[c] = arrays[f"obs/{c}"].shape[1:]
-        return check_episode(file, arrays, sources)
+        check_episode_arrays(file, arrays, sources)  # errors name the source file and key
+        return arrays
 
     def close(self) -> None:
         pass

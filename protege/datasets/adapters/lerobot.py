@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from protege.datasets.adapters._common import check_episode, check_images
-from protege.datasets.replay_buffer import ReplayBuffer
+from protege.datasets.adapters._common import check_images
+from protege.datasets.replay_buffer import ReplayBuffer, check_episode_arrays
 from protege.errors import DataError
 
 VERSIONS = ("v2.1", "v3.0")
@@ -202,7 +202,8 @@ class Reader:
             key, sources[key] = to_buffer_key(name), name
             arrays[key] = self._decode_video(video, name, start + ts)
             check_images(video, name, arrays[key], None)
-        return check_episode(file, arrays, sources)
+        check_episode_arrays(file, arrays, sources)  # errors name the source file and key
+        return arrays
 
     @staticmethod
     def _decode_pngs(file: Path, name: str, cells: list[dict]) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protege.datasets.adapters._common import check_episode
+from protege.datasets.replay_buffer import check_episode_arrays
 from protege.errors import DataError
 
 
@@ -59,7 +59,8 @@ class Reader:
                 arrays = {dst: np.asarray(z[src]) for dst, src in self.key_map.items()}
             except (ValueError, zipfile.BadZipFile, OSError) as e:
                 raise DataError(file, None, "readable arrays", f"a read error ({e})") from e
-        return check_episode(file, arrays, {dst: src for dst, src in self.key_map.items()})
+        check_episode_arrays(file, arrays, self.key_map)  # errors name the npz key
+        return arrays
 
     def close(self) -> None:
         pass

@@ -21,12 +21,11 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from protege.datasets.adapters._common import check_episode, check_images, h5_array, open_h5
-from protege.datasets.replay_buffer import ReplayBuffer
+from protege.datasets.adapters._common import check_images, h5_array, open_h5
+from protege.datasets.replay_buffer import ReplayBuffer, check_episode_arrays
 from protege.errors import DataError
 
 _DEMO = re.compile(r"^demo_(\d+)$")
@@ -87,7 +86,8 @@ class Reader:
             if key.startswith("obs/") and arr.ndim == 4 and arr.shape[-1] in (1, 3, 4):
                 check_images(self.path, sources[key], arr, self._image_shapes.get(key))
                 self._image_shapes[key] = arr.shape[1:]
-        return check_episode(self.path, arrays, sources)
+        check_episode_arrays(self.path, arrays, sources)  # errors name the source file and key
+        return arrays
 
     def close(self) -> None:
         self.f.close()
