@@ -1,10 +1,12 @@
 """Policy latency for one observation (batch 1) on this machine: median and p99 of predict_action.
 
-Policies are built from the shipped configs (CPU-sized defaults) with Meta-World push-v3 shapes
-(39-D state, 4-D action, 2 observation steps); weights are random (latency does not depend on them).
+Policies are built from the shipped configs with random weights (latency does not depend on them):
+state policies with Meta-World push-v3 shapes (39-D state, 4-D action, 2 observation steps); ACT with
+ALOHA shapes (14-D joint state and action, one `top` camera at 240x320 and at 96x128), one forward
+pass per chunk of 100 actions.
 
     python scripts/bench_inference.py [--iters 200] [--threads 2] [--out bench_inference.json]
-Last line: diffusion_ddim10_ms=<median> diffusion_ddpm100_ms=<median> bc_ms=<median>
+Last line: diffusion_ddim10_ms=<median> diffusion_ddpm100_ms=<median> bc_ms=<median> act_240x320_ms=<median> act_96x128_ms=<median>
 """
 
 from __future__ import annotations
@@ -23,16 +25,22 @@ from protege.policies import build_policy
 SHAPE_META = {"obs/state": {"shape": [39], "kind": "state"}, "action": {"shape": [4], "kind": "action"}}
 
 
-def make(policy: str, *overrides: str) -> torch.nn.Module:
+def aloha_meta(h: int, w: int) -> dict:
+    return {"obs/state": {"shape": [14], "kind": "state"}, "obs/top": {"shape": [h, w, 3], "kind": "image"},
+            "action": {"shape": [14], "kind": "action"}}
+
+
+def make(policy: str, *overrides: str, shape_meta: dict = SHAPE_META) -> torch.nn.Module:
     cfg = compose("train", [f"policy={policy}", *overrides])
-    p = build_policy(cfg.policy, SHAPE_META)
+    p = build_policy(cfg.policy, shape_meta)
     rng = np.random.default_rng(0)
-    p.normalizer.fit({"obs/state": rng.standard_normal((1000, 39)), "action": rng.uniform(-1, 1, (1000, 4))})
+    p.normalizer.fit({k: rng.standard_normal((1000, *m["shape"])) for k, m in shape_meta.items() if m["kind"] != "image"})
     return p.eval()
 
 
 def latency_ms(policy: torch.nn.Module, iters: int) -> dict[str, float]:
-    obs = {"obs/state": torch.randn(1, policy.n_obs_steps, 39)}
+    obs = {k: torch.randint(0, 256, (1, policy.n_obs_steps, *m["shape"]), dtype=torch.uint8) if m["kind"] == "image"
+           else torch.randn(1, policy.n_obs_steps, *m["shape"]) for k, m in policy.shape_meta.items() if m["kind"] != "action"}
     with torch.inference_mode():
         for _ in range(max(5, iters // 20)):
             policy.predict_action(obs)
@@ -59,8 +67,12 @@ def main() -> None:
         # context rows: a 2-level U-Net (fewer ops) and the paper-size U-Net, both DDIM-10
         "diffusion_ddim10_2level": make("diffusion", "policy.down_dims=[32,64]"),
         "diffusion_paper_ddim10": make("diffusion_paper", "policy.inference_scheduler=ddim", "policy.num_inference_steps=10"),
+        # ACT, paper size (hidden 512): one pass per 100-action chunk
+        "act_240x320": make("act", shape_meta=aloha_meta(240, 320)),
+        "act_96x128": make("act", shape_meta=aloha_meta(96, 128)),
+        "act_small_96x128": make("act_small", shape_meta=aloha_meta(96, 128)),
     }
-    slow = ("ddpm", "paper")
+    slow = ("ddpm", "paper", "act")
     results = {name: latency_ms(pol, max(20, args.iters // 5) if any(w in name for w in slow) else args.iters)
                for name, pol in cases.items()}
     results["machine"] = {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__}
@@ -69,7 +81,7 @@ def main() -> None:
     for name in cases:
         r = results[name]
         print(f"{name:20s} median {r['median_ms']:8.2f} ms   p99 {r['p99_ms']:8.2f} ms   params {r['params']:,}")
-    print(" ".join(f"{n}_ms={results[n]['median_ms']:.2f}" for n in ("diffusion_ddim10", "diffusion_ddpm100", "bc")))
+    print(" ".join(f"{n}_ms={results[n]['median_ms']:.2f}" for n in ("diffusion_ddim10", "diffusion_ddpm100", "bc", "act_240x320", "act_96x128")))
 
 
 if __name__ == "__main__":

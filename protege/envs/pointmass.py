@@ -6,7 +6,8 @@
   good routes and no observation tells which: MSE regression averages them (into the obstacle),
   a generative policy such as Diffusion Policy should use both.
 
-Observation `{"state": [x, y, goal_x, goal_y]}`, action: velocity in [-1, 1]^2 (times `max_step`).
+Observation `{"state": [x, y, goal_x, goal_y]}` (+ `{"top": (n, n, 3) uint8}` with `cameras=("top",)`,
+a top-down picture drawn with numpy: image policies can be tested with no GL at all), action: velocity in [-1, 1]^2 (times `max_step`).
 Entering the obstacle is refused (the point stays where it was).
 """
 
@@ -33,11 +34,17 @@ class PointMassEnv(gym.Env):
         max_episode_steps: int = 80,
         render_mode: str | None = None,
         image_size: int = 96,
+        cameras: tuple[str, ...] = (),
     ) -> None:
+        if set(cameras) - {"top"}:
+            raise ValueError(f"point-mass cameras: only 'top' exists, got {list(cameras)}")
         self.bimodal = bimodal
         self.max_step, self.goal_tolerance, self.max_episode_steps = max_step, goal_tolerance, max_episode_steps
         self.render_mode, self.image_size = render_mode, image_size
-        self.observation_space = gym.spaces.Dict({"state": gym.spaces.Box(-1.0, 1.0, (4,), np.float32)})
+        self.cameras = tuple(cameras)
+        spaces = {"state": gym.spaces.Box(-1.0, 1.0, (4,), np.float32)}
+        spaces.update({c: gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8) for c in self.cameras})
+        self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
         self.pos = np.zeros(2)
         self.goal = np.zeros(2)
@@ -45,7 +52,9 @@ class PointMassEnv(gym.Env):
         self.trace: list[np.ndarray] = []
 
     def _obs(self) -> dict[str, np.ndarray]:
-        return {"state": np.concatenate([self.pos, self.goal]).astype(np.float32)}
+        obs = {"state": np.concatenate([self.pos, self.goal]).astype(np.float32)}
+        obs.update({c: self._draw(trace=False) for c in self.cameras})
+        return obs
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
         super().reset(seed=seed)
@@ -82,8 +91,9 @@ class PointMassEnv(gym.Env):
         return "up" if y > OBSTACLE_RADIUS else "down" if y < -OBSTACLE_RADIUS else "none"
 
     def render(self) -> np.ndarray | None:
-        if self.render_mode != "rgb_array":
-            return None
+        return self._draw(trace=True) if self.render_mode == "rgb_array" else None
+
+    def _draw(self, trace: bool) -> np.ndarray:
         n = self.image_size
         img = np.full((n, n, 3), 255, np.uint8)
         yy, xx = np.mgrid[0:n, 0:n]
@@ -96,7 +106,7 @@ class PointMassEnv(gym.Env):
         if self.bimodal:
             disc(OBSTACLE_CENTER, OBSTACLE_RADIUS, (90, 90, 90))
         disc(self.goal, 0.06, (40, 170, 40))
-        for p in self.trace:
+        for p in self.trace if trace else []:
             disc(p, 0.015, (120, 120, 230))
         disc(self.pos, 0.04, (220, 40, 40))
         return img

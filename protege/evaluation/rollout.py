@@ -4,8 +4,9 @@ Envs run in a gymnasium vector env with autoreset disabled: when an env finishes
 reset just that env (with the next episode's seed) so all N envs stay busy until `n_episodes`
 episodes are done. Episode k always uses seed `seed + k`, so results do not depend on `n_envs`
 (up to the policy's own sampling noise). Each env keeps its own observation history
-(`n_obs_steps`, edge-padded at the start as in training) and action queue; a new chunk is
-predicted, batched over the envs that need one, when an env's queue runs empty.
+(`n_obs_steps`, edge-padded at the start as in training) and action executor (chunk queue or
+temporal ensembling, `protege/runtime/chunking.py`, the same as the real-time runner); a new chunk is
+predicted, batched over the envs whose executor asks for one.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from protege.errors import ConfigError
 from protege.policies.base import Policy
+from protege.runtime.chunking import make_executor
 
 
 def make_vector_env(env_fn: Callable[[int], gym.Env], n_envs: int, asynchronous: bool = False) -> gym.vector.VectorEnv:
@@ -43,10 +46,20 @@ def evaluate(
     video_episodes: int = 2,
     asynchronous: bool = False,
     progress: bool = True,
+    temporal_ensemble: float | None | str = "policy",
 ) -> dict[str, Any]:
+    """`temporal_ensemble`: "policy" (the policy's own setting), None (chunk execution) or m."""
     policy.eval()
     n_envs = max(1, min(n_envs, n_episodes))
     envs = make_vector_env(env_fn, n_envs, asynchronous)
+    try:
+        check_env_matches_policy(policy, envs.single_observation_space)
+    except ConfigError:
+        envs.close()
+        raise
+    if temporal_ensemble == "policy":
+        temporal_ensemble = getattr(policy, "temporal_ensemble", None)
+    executors = [make_executor(temporal_ensemble) for _ in range(n_envs)]
     device = policy.device
     To, obs_keys = policy.n_obs_steps, [k for k in policy.obs_keys]
     names = [k.removeprefix("obs/") for k in obs_keys]
@@ -55,7 +68,6 @@ def evaluate(
     history = {k: np.repeat(np.asarray(obs[n])[:, None], To, axis=1) for k, n in zip(obs_keys, names)}
     episode_of = np.arange(n_envs)  # which episode each env is running (>= n_episodes: idle filler)
     started = n_envs
-    queue = [np.zeros((0, policy.action_dim), np.float32) for _ in range(n_envs)]
     ret = np.zeros(n_envs)
     length = np.zeros(n_envs, dtype=np.int64)
     results: dict[int, dict[str, Any]] = {}
@@ -69,16 +81,15 @@ def evaluate(
     if record:
         record = _grab_frame(envs, frames)
     while len(results) < n_episodes:
-        need = [i for i in range(n_envs) if len(queue[i]) == 0]
+        need = [i for i in range(n_envs) if executors[i].needs_chunk(int(length[i]))]
         if need:
             batch = {k: torch.from_numpy(history[k][need]).to(device) for k in obs_keys}
             t0 = time.perf_counter()
             chunk = policy.predict_action(batch).float().cpu().numpy()
             latencies.append(time.perf_counter() - t0)
             for j, i in enumerate(need):
-                queue[i] = chunk[j]
-        action = np.stack([q[0] for q in queue])
-        queue = [q[1:] for q in queue]
+                executors[i].add(chunk[j], int(length[i]))
+        action = np.stack([executors[i].action(int(length[i])) for i in range(n_envs)])
         obs, reward, terminated, truncated, info = envs.step(action)
         ret += reward
         length += 1
@@ -107,7 +118,7 @@ def evaluate(
             started += 1
             reset_seeds[i] = seed + int(episode_of[i])
             ret[i], length[i] = 0.0, 0
-            queue[i] = queue[i][:0]
+            executors[i].reset()
         if len(results) >= n_episodes:
             break
         obs, _ = envs.reset(seed=reset_seeds, options={"reset_mask": done})
@@ -127,6 +138,7 @@ def evaluate(
         "seed": seed,
         "wall_time_s": wall,
         "inference_ms_median": float(np.median(latencies) * 1e3) if latencies else None,
+        "temporal_ensemble": temporal_ensemble,
         "episodes": episodes,
     }
     for key in sorted(extra_keys):  # e.g. the point-mass 'route' -> counts per value
@@ -135,6 +147,21 @@ def evaluate(
     if video_path is not None and frames:
         summary["video"] = str(write_video(video_path, frames, fps=_render_fps(envs)))
     return summary
+
+
+def check_env_matches_policy(policy: Policy, space: gym.Space) -> None:
+    """Every observation key the policy was trained on must come out of the env with the same shape
+    (camera names and image sizes in particular): fail before the first rollout, not inside it."""
+    provided = {k: tuple(v.shape) for k, v in getattr(space, "spaces", {}).items()}
+    for key in policy.obs_keys:
+        name, want = key.removeprefix("obs/"), tuple(policy.shape_meta[key]["shape"])
+        kind = policy.shape_meta[key]["kind"]
+        if name not in provided:
+            raise ConfigError(f"the policy was trained on {kind} {name!r} {want} but the env provides {provided}; "
+                              f"set the env's cameras/observations to match the checkpoint")
+        if provided[name] != want:
+            raise ConfigError(f"the policy was trained on {kind} {name!r} with shape {want} but the env gives {provided[name]}; "
+                              f"set the env's image size / observations to match the checkpoint")
 
 
 def _info(info: dict[str, Any], key: str, i: int) -> Any:

@@ -80,6 +80,10 @@ class Policy(nn.Module):
     def reset(self) -> None:
         """Clear per-episode state (none by default: policies here are stateless between chunks)."""
 
+    def optim_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; override for per-module learning rates (e.g. ACT's backbone)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
     # helpers -----------------------------------------------------------------
     def low_dim_obs(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Normalised state observations of the window, flattened: (B, n_obs_steps * D)."""

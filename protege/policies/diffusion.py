@@ -1,8 +1,9 @@
-"""Diffusion Policy (Chi et al., RSS 2023), state-based, CNN variant.
+"""Diffusion Policy (Chi et al., RSS 2023), CNN variant, on state and/or camera observations.
 
 Training: normalise the action window to [-1, 1], add noise at a random diffusion step with the
 diffusers `DDPMScheduler`, and regress the noise with a 1-D U-Net conditioned (FiLM) on the
-flattened observation window. Inference: start from Gaussian noise and denoise with DDPM or DDIM
+flattened observation window (state keys, plus one ResNet-18 feature vector per camera and step
+when the task has images: `image` configures those encoders, see `nets/vision.py`). Inference: start from Gaussian noise and denoise with DDPM or DDIM
 (`inference_scheduler`, `num_inference_steps`), then execute `n_action_steps` of the horizon.
 Sampling from the learned distribution (rather than regressing its mean) lets it commit to one
 mode of multimodal demonstrations.
@@ -11,6 +12,7 @@ mode of multimodal demonstrations.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from protege.policies.base import Policy, ShapeMeta
 from protege.policies.nets.unet1d import ConditionalUnet1D
+from protege.policies.nets.vision import ObsEncoder
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 
@@ -39,12 +42,14 @@ class DiffusionPolicy(Policy):
         inference_scheduler: str = "ddim",
         num_inference_steps: int = 10,
         normalization: Mapping[str, str] | None = None,
+        image: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, normalization)
+        self.obs_encoder = ObsEncoder(self.shape_meta, self.obs_keys, image)
         if inference_scheduler not in SCHEDULERS:
             raise ValueError(f"inference_scheduler={inference_scheduler!r}: expected one of {sorted(SCHEDULERS)}")
         self.unet = ConditionalUnet1D(
-            self.action_dim, self.obs_feature_dim * n_obs_steps, down_dims, kernel_size, n_groups, step_embed_dim
+            self.action_dim, self.obs_encoder.dim * n_obs_steps, down_dims, kernel_size, n_groups, step_embed_dim
         )
         sched_kwargs = dict(
             num_train_timesteps=num_train_timesteps,
@@ -58,7 +63,7 @@ class DiffusionPolicy(Policy):
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         actions = self.normalizer.normalize(self.action_key, batch[self.action_key].float())
-        cond = self.low_dim_obs(batch)
+        cond = self.obs_encoder(batch, self.normalizer, self.n_obs_steps).flatten(1)
         noise = torch.randn_like(actions)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (actions.shape[0],), device=actions.device)
         noisy = self.noise_scheduler.add_noise(actions, noise, t)
@@ -68,7 +73,7 @@ class DiffusionPolicy(Policy):
 
     @torch.no_grad()
     def predict_action(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        cond = self.low_dim_obs(obs)
+        cond = self.obs_encoder(obs, self.normalizer, self.n_obs_steps).flatten(1)
         B = cond.shape[0]
         x = torch.randn(B, self.horizon, self.action_dim, device=cond.device, dtype=cond.dtype)
         sched = self.inference_scheduler

@@ -114,13 +114,13 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
     # ---- policy (normalizer fitted on the training episodes only)
     policy = build_policy(cfg.policy, shape_meta)
     step_mask = np.isin(np.repeat(np.arange(buffer.n_episodes), buffer.episode_lengths), train_eps)
-    policy.normalizer.fit({k: buffer.data[k][step_mask] for k in policy.normalizer.stats})
+    policy.normalizer.fit({k: buffer.data[k][step_mask] for k, st in policy.normalizer.stats.items() if st.mode != "identity"})
     policy.to(device)
     sampler = SequenceSampler(buffer, obs_keys, policy.n_obs_steps, policy.horizon, episodes=train_eps)
     val_sampler = SequenceSampler(buffer, obs_keys, policy.n_obs_steps, policy.horizon, episodes=val_eps) if len(val_eps) else None
 
     tcfg = cfg.train
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+    optimizer = torch.optim.AdamW(policy.optim_groups(tcfg.lr), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
     lr_scheduler = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=tcfg.steps)
     ema = EMAModel(policy.parameters(), decay=tcfg.ema.max_decay, use_ema_warmup=True, power=tcfg.ema.power) if tcfg.ema.enabled else None
     dtype = amp_dtype(tcfg.amp, device)
@@ -285,7 +285,7 @@ def run_eval(cfg: DictConfig, policy: Policy, out_json: Path, video: bool = True
         summary = evaluate(
             policy, env_fn, n_episodes=ecfg.n_episodes, n_envs=ecfg.n_envs, seed=ecfg.seed,
             video_path=out_json.with_suffix(".mp4") if video else None, video_episodes=ecfg.video_episodes,
-            asynchronous=ecfg.asynchronous, progress=progress,
+            asynchronous=ecfg.asynchronous, progress=progress, temporal_ensemble=ecfg.get("temporal_ensemble", "policy"),
         )
     summary["task"] = cfg.task.name
     summary["policy"] = cfg.policy.name
