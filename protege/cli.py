@@ -27,6 +27,7 @@ commands:
   validate <buffer>                         read every value: layout, lengths, finite numbers
 
 tasks: pointmass, pointmass_bimodal, metaworld (push-v3), or any Meta-World v3 name (task=door-open-v3)
+       aloha_transfer_cube, aloha_insertion (bimanual, camera `top`; *_state: state-only)
 policies: diffusion, diffusion_paper, bc
 """
 

@@ -43,9 +43,9 @@ def expert_success(env_id: str, seeds: range) -> dict:
             "episodes": results}
 
 
-def env_speed(env_id: str, cameras: tuple[str, ...], image_size: tuple[int, int], n_steps: int) -> float:
+def env_speed(env_id: str, cameras: tuple[str, ...], image_size: tuple[int, int], n_steps: int, **kw) -> float:
     """Env steps/s replaying the expert's joint targets (planning excluded)."""
-    env = make_env(env_id, cameras=cameras, image_size=image_size)
+    env = make_env(env_id, cameras=cameras, image_size=image_size, **kw)
     expert = make_expert(env_id, env)
     obs, _ = env.reset(seed=0)
     actions = [expert(obs)]  # plans the whole episode
@@ -81,10 +81,12 @@ def main() -> None:
         r["expert"] = expert_success(env_id, range(args.seeds))
         r["expert_plan_s"] = expert_plan_time(env_id)
         speeds = r["steps_per_s"] = {}
-        for label, cams, size in [("state_only", (), (96, 128)), ("top_96x128", ("top",), (96, 128)),
-                                  ("top_240x320", ("top",), (240, 320)),
-                                  ("top+2wrist_96x128", ("top", "left_wrist", "right_wrist"), (96, 128))]:
-            speeds[label] = env_speed(env_id, cams, size, args.speed_steps)
+        for label, cams, size, kw in [
+                ("state_only", (), (96, 128), {}), ("top_96x128", ("top",), (96, 128), {}),
+                ("top_96x128_full_meshes", ("top",), (96, 128), {"render_max_faces": None}),
+                ("top_240x320", ("top",), (240, 320), {}),
+                ("top+2wrist_96x128", ("top", "left_wrist", "right_wrist"), (96, 128), {})]:
+            speeds[label] = env_speed(env_id, cams, size, args.speed_steps, **kw)
         print(env_id, json.dumps({k: v for k, v in r.items() if k != "expert"} | {"success": r["expert"]["success_rate"]}), flush=True)
     tmp = Path(tempfile.mkdtemp())
     try:
@@ -99,6 +101,7 @@ def main() -> None:
     print(f"transfer_cube_expert_success={tc['expert']['success_rate']:.3f} insertion_expert_success="
           f"{ins['expert']['success_rate']:.3f} n_seeds={args.seeds} "
           f"steps_per_s_state={tc['steps_per_s']['state_only']:.0f} steps_per_s_top96x128={tc['steps_per_s']['top_96x128']:.0f} "
+          f"steps_per_s_top96x128_full_meshes={tc['steps_per_s']['top_96x128_full_meshes']:.0f} "
           f"steps_per_s_top240x320={tc['steps_per_s']['top_240x320']:.0f} "
           f"collect_eps_per_min={res['collect_top_96x128_episodes_per_min']:.1f}")
 

@@ -18,10 +18,18 @@ Control: 50 Hz (10 physics steps of 2 ms per `step`), joint-position actuators.
   position + quaternion; 7 for the cube, 14 for peg then socket), and with `cameras` one
   `{<camera>: HxWx3 uint8}` per camera. Cameras: `top`, `angle`, `left_wrist`, `right_wrist`,
   `left_pillar`, `right_pillar`, `front_close`.
+
+Rendering (cameras, `render()`): `image_size=(H, W)`, default 96x128 (ACT uses 480x640, far too slow
+for software GL on a CPU). Frames are drawn from a copy of the scene whose meshes are decimated to
+`render_max_faces` triangles each (default 400; None draws the original ~30k-triangle arms, ~3x
+slower), posed from the simulation at every step; physics always uses the original meshes. No
+shadows, reflections, skybox or multisampling. State-only envs (no cameras, no render_mode) never
+create a GL context.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -57,14 +65,41 @@ def assets_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "assets"
 
 
-def load_model(task: str, end_effector: bool = False) -> Any:
-    """The MjModel of a task: joint-position actuators, or (`end_effector`) mocap-welded grippers."""
+def load_model(task: str, end_effector: bool = False, max_faces: int | None = None) -> Any:
+    """The MjModel of a task: joint-position actuators, or (`end_effector`) mocap-welded grippers.
+    `max_faces` decimates every mesh to at most that many triangles (a model for rendering only)."""
     import mujoco
 
     name = f"bimanual_viperx_{'end_effector_' if end_effector else ''}{task}.xml"
-    model = mujoco.MjModel.from_xml_path(str(assets_dir() / name))
+    folder = assets_dir()
+    assets = {p.name: _decimated_stl(p, max_faces) for p in folder.glob("vx300s_*.stl")} if max_faces else None
+    model = mujoco.MjModel.from_xml_path(str(folder / name), assets)
     model.vis.quality.offsamples = 0  # no multisampling: software GL is slow enough
     return model
+
+
+@functools.lru_cache(maxsize=64)
+def _decimated_stl(path: Path, max_faces: int) -> bytes:
+    """A binary STL with at most `max_faces` triangles (quadric edge collapse, fast-simplification).
+
+    The ViperX meshes have ~30k triangles per arm: software GL spends ~95 % of a small frame
+    transforming them, and at 96x128 px a few thousand look the same."""
+    import fast_simplification
+
+    raw = path.read_bytes()
+    n = int(np.frombuffer(raw, np.uint32, 1, 80)[0])
+    rec = np.dtype([("normal", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
+    tri = np.frombuffer(raw, rec, n, 84)["v"].reshape(-1, 3)
+    # merge vertices on a 1 mm grid (the STLs are in mm): it fuses the fine detail (and duplicate
+    # vertices) that quadric simplification alone cannot collapse on these meshes
+    points, faces = np.unique(np.round(tri), axis=0, return_inverse=True)
+    faces = faces.reshape(-1, 3)
+    faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
+    if len(faces) > max_faces:
+        points, faces = fast_simplification.simplify(points, faces, target_count=max_faces)
+    out = np.zeros(len(faces), rec)
+    out["v"] = points[faces]
+    return raw[:80] + np.uint32(len(faces)).tobytes() + out.tobytes()
 
 
 def sample_object_poses(task: str, rng: np.random.Generator) -> np.ndarray:
@@ -134,6 +169,7 @@ class AlohaEnv(gym.Env):
         render_mode: str | None = None,
         render_camera: str = "angle",
         terminate_on_success: bool = False,
+        render_max_faces: int | None = 400,
     ) -> None:
         import mujoco
 
@@ -151,10 +187,13 @@ class AlohaEnv(gym.Env):
         self.render_mode = render_mode
         self.render_camera = render_camera
         self.terminate_on_success = terminate_on_success
+        self.render_max_faces = render_max_faces
         self.model = load_model(task)
         self.data = mujoco.MjData(self.model)
         self._contacts = _Contacts(self.model, task)
         self._renderer: Any = None  # created on first use: state-only runs never touch GL
+        self._vis: tuple[Any, Any] | None = None  # (model, data) of the decimated scene the renderer draws
+        self._vis_synced: tuple[int, int] | None = None
         n_obj = 7 if task == "transfer_cube" else 14
         h, w = self.image_size
         spaces = {"state": gym.spaces.Box(-np.inf, np.inf, (14,), np.float32),
@@ -217,9 +256,23 @@ class AlohaEnv(gym.Env):
 
     # -- rendering -------------------------------------------------------------------------------
     def _render(self, camera: str) -> np.ndarray:
+        import mujoco
+
         if self._renderer is None:
-            self._renderer = _make_renderer(self.model, *self.image_size)
-        self._renderer.update_scene(self.data, camera=camera)
+            if self.render_max_faces:  # same bodies and cameras, lighter meshes: physics stays ACT's
+                vis = load_model(self.task, max_faces=self.render_max_faces)
+                self._vis = (vis, mujoco.MjData(vis))
+            else:
+                self._vis = (self.model, self.data)
+            self._renderer = _make_renderer(self._vis[0], *self.image_size)
+        m, d = self._vis
+        if d is not self.data and self._vis_synced != (self.episode, self.t):
+            d.qpos[:] = self.data.qpos  # poses only: kinematics and cameras, no dynamics
+            mujoco.mj_kinematics(m, d)
+            mujoco.mj_comPos(m, d)
+            mujoco.mj_camlight(m, d)
+            self._vis_synced = (self.episode, self.t)
+        self._renderer.update_scene(d, camera=camera)
         return self._renderer.render()
 
     def render(self) -> np.ndarray | None:
@@ -227,8 +280,19 @@ class AlohaEnv(gym.Env):
 
     def close(self) -> None:
         if self._renderer is not None:
-            self._renderer.close()
+            _close_renderer(self._renderer)
             self._renderer = None
+
+
+def _close_renderer(renderer: Any) -> None:
+    """mujoco.Renderer.close frees its GL objects after destroying its own context, i.e. in whichever
+    context is current: with several renderers in one process (a vector env) that can be another
+    env's, whose meshes then vanish. Free them in the renderer's own context first."""
+    if getattr(renderer, "_gl_context", None) is not None and getattr(renderer, "_mjr_context", None) is not None:
+        renderer._gl_context.make_current()
+        renderer._mjr_context.free()
+        renderer._mjr_context = None
+    renderer.close()
 
 
 def _make_renderer(model: Any, height: int, width: int) -> Any:
