@@ -68,6 +68,30 @@ def test_do_nothing_fails_in_evaluate(env_id):
     assert out["max_stage_counts"] == {"0": 2}  # nothing was ever touched
 
 
+class _OpenLoopExpert(_Hold):
+    """The scripted expert as a policy: plans the whole episode from the first observation's object
+    poses (obs/env_state) and returns it as one 400-step chunk."""
+
+    n_action_steps = horizon = 400
+    obs_keys = ["obs/env_state"]
+
+    def __init__(self, task):
+        super().__init__()
+        from protege.envs.aloha import _EndEffectorSim
+
+        self.sim = _EndEffectorSim(task)
+
+    def predict_action(self, obs):
+        plans = [self.sim.joint_trajectory(s[-1].double().numpy(), 400) for s in obs["obs/env_state"]]
+        return torch.tensor(np.stack(plans), dtype=torch.float32)
+
+
+def test_expert_through_evaluate_succeeds():
+    out = evaluate(_OpenLoopExpert("transfer_cube"), lambda i: make_env("aloha_transfer_cube"), n_episodes=2,
+                   n_envs=2, seed=11, progress=False)
+    assert out["success_rate"] == 1.0 and out["max_stage_counts"] == {"4": 2}
+
+
 @pytest.mark.parametrize("env_id", TASKS)
 def test_seeded_resets_are_reproducible_and_distinct(env_id):
     env = make_env(env_id)
