@@ -154,3 +154,13 @@ def test_collect_writes_image_buffer(tmp_path, capsys):
     assert top.shape == (400, 48, 64, 3) and top.dtype == np.uint8
     assert 1 < top.chunks[0] < 400 and top.chunks[1:] == (48, 64, 3)  # chunked along time, whole frames
     buf.validate_data()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env_id", TASKS)
+def test_scripted_expert_success_rate(env_id):
+    """The demos' quality bar: >= 90 % over 20 seeds (see README for the measured rates)."""
+    env = make_env(env_id)
+    expert = make_expert(env_id, env, seed=0)
+    successes = [run_expert_episode(env, expert, seed)[1] for seed in range(100, 120)]
+    assert np.mean(successes) >= 0.9
