@@ -27,6 +27,7 @@ commands:
   validate <buffer>                         read every value: layout, lengths, finite numbers
 
 tasks: pointmass, pointmass_bimodal, metaworld (push-v3), or any Meta-World v3 name (task=door-open-v3)
+       aloha_transfer_cube, aloha_insertion (bimanual, camera `top`; *_state: state-only)
 policies: diffusion, diffusion_paper, bc
 """
 
@@ -37,6 +38,22 @@ def configure_rendering() -> None:
     if "MUJOCO_GL" not in os.environ and sys.platform.startswith("linux") and ctypes.util.find_library("OSMesa"):
         os.environ["MUJOCO_GL"] = "osmesa"
         os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+    if os.environ.get("MUJOCO_GL") == "osmesa":
+        _import_triton_first()
+
+
+def _import_triton_first() -> None:
+    """PyOpenGL loads libOSMesa with RTLD_GLOBAL, which puts Mesa's LLVM into the global symbol scope:
+    importing triton after a first frame was rendered (torch._dynamo imports it, e.g. via diffusers
+    when `protege train` builds a policy after collecting camera demos) then segfaults. Loaded
+    first (~0.1 s), triton keeps its own LLVM and rendering is unchanged."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        try:
+            import triton  # noqa: F401
+        except Exception:  # noqa: BLE001 - a broken triton install must not stop state-only work
+            pass
 
 
 def _options(group: str) -> list[str]:

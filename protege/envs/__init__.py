@@ -35,10 +35,21 @@ def _metaworld(**kwargs: Any) -> gym.Env:
     return MetaWorldEnv(**kwargs)
 
 
+def _aloha(task: str) -> Callable[..., gym.Env]:
+    def make(**kwargs: Any) -> gym.Env:
+        from protege.envs.aloha import AlohaEnv
+
+        return AlohaEnv(task=task, **kwargs)
+
+    return make
+
+
 ENVS: dict[str, Callable[..., gym.Env]] = {
     "pointmass": _pointmass(False),
     "pointmass_bimodal": _pointmass(True),
     "metaworld": _metaworld,
+    "aloha_transfer_cube": _aloha("transfer_cube"),
+    "aloha_insertion": _aloha("insertion"),
 }
 
 
@@ -57,4 +68,8 @@ def make_expert(env_id: str, env: gym.Env, seed: int | None = None) -> Expert:
         from protege.envs.metaworld import MetaWorldExpert
 
         return MetaWorldExpert(env, seed)
+    if env_id.startswith("aloha_"):
+        from protege.envs.aloha import AlohaExpert
+
+        return AlohaExpert(env, seed)
     raise ConfigError(f"env {env_id!r} has no scripted expert")
