@@ -141,3 +141,18 @@ def test_camera_mismatch_fails_before_rollout(image_buffer):
         evaluate(policy, env_fn(48, ("top",)), n_episodes=2, n_envs=1, progress=False)
     with pytest.raises(ConfigError, match="trained on image 'top'"):
         evaluate(policy, env_fn(32, ()), n_episodes=2, n_envs=1, progress=False)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_multi_camera_tokens_and_backbones(shared):
+    meta = {"obs/state": {"shape": [3], "kind": "state"}, "obs/a": {"shape": [32, 64, 3], "kind": "image"},
+            "obs/b": {"shape": [64, 32, 3], "kind": "image"}, "action": {"shape": [2], "kind": "action"}}
+    policy = ACTPolicy(meta, chunk_size=4, n_action_steps=4, shared_backbone=shared, **TINY)
+    policy.normalizer.fit({"obs/state": np.random.randn(10, 3), "action": np.random.randn(10, 2)})
+    assert len(policy.backbones) == (1 if shared else 2)
+    obs = {"obs/state": torch.randn(2, 1, 3), "obs/a": torch.zeros(2, 1, 32, 64, 3, dtype=torch.uint8),
+           "obs/b": torch.full((2, 1, 64, 32, 3), 255, dtype=torch.uint8)}
+    assert policy.predict_action(obs).shape == (2, 4, 2)
+    batch = {**obs, "action": torch.randn(2, 4, 2), "action_is_pad": torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]).bool()}
+    out = policy.compute_loss(batch)
+    assert set(out) == {"loss", "l1", "kl"} and torch.isfinite(out["loss"])
