@@ -35,7 +35,14 @@ def _metaworld(**kwargs: Any) -> gym.Env:
     return MetaWorldEnv(**kwargs)
 
 
+def _franka(**kwargs: Any) -> gym.Env:
+    from protege.envs.franka import FrankaEnv
+
+    return FrankaEnv(**kwargs)
+
+
 ENVS: dict[str, Callable[..., gym.Env]] = {
+    "franka": _franka,
     "pointmass": _pointmass(False),
     "pointmass_bimodal": _pointmass(True),
     "metaworld": _metaworld,
@@ -57,4 +64,8 @@ def make_expert(env_id: str, env: gym.Env, seed: int | None = None) -> Expert:
         from protege.envs.metaworld import MetaWorldExpert
 
         return MetaWorldExpert(env, seed)
+    if env_id == "franka":
+        from protege.envs.franka import FrankaExpert
+
+        return FrankaExpert(env, seed)
     raise ConfigError(f"env {env_id!r} has no scripted expert")
