@@ -100,11 +100,11 @@ class Limits:
 
 # ----------------------------------------------------------------------------------------------- clocks
 class MonotonicClock:
-    """Wall time on the monotonic clock. `sleep_until` sleeps to ~0.4 ms before the deadline and
-    spins the rest: plain `time.sleep` overshoots by up to a scheduler tick on a loaded machine."""
+    """Wall time on the monotonic clock. `sleep_until` sleeps to `SPIN_S` before the deadline and
+    spins the rest: plain `time.sleep` overshoots by milliseconds on a loaded machine."""
 
     realtime = True
-    SPIN_S = 4e-4
+    SPIN_S = 2e-3
 
     def now(self) -> float:
         return time.monotonic()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -163,13 +164,17 @@ class Runner:
 
     # --------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
-        self.stats: dict[str, Any] = {"wake": [], "scheduled": [], "latency": [], "ticks": 0, "deadline_misses": 0,
+        self.stats: dict[str, Any] = {"wake": [], "scheduled": [], "periods": [], "latency": [], "ticks": 0, "deadline_misses": 0,
                                       "overruns": 0, "stale_actions_dropped": 0, "missing_frames": 0}
         self.episodes: list[dict[str, Any]] = []
         self.buffer = None
         status, message = "completed", f"{self.s.n_episodes} episode(s) completed"
         worker = InferenceWorker(self.policy, self.device)
         self.policy.eval()
+        # the loop thread must get the GIL back quickly when it wakes; the default 5 ms switch
+        # interval would let the inference thread's Python code delay a tick by up to 5 ms
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(2e-4)
         try:
             with self.estop.signals():
                 try:
@@ -183,6 +188,7 @@ class Runner:
                 except KeyboardInterrupt:
                     status, message = "SIGINT", "interrupted (second Ctrl-C)"
         finally:
+            sys.setswitchinterval(switch)
             worker.close()
             stop_error = self._safe_stop()
             if stop_error and status == "completed":
@@ -222,9 +228,13 @@ class Runner:
             watchdog = Watchdog(self.period, self.s.watchdog_timeout)
             last_good, hold_reason = pobs, ""
             t_next = clock.now()
+            prev_wake = None
             for step in range(self.max_steps + 1):
                 clock.sleep_until(t_next)
                 now = clock.now()
+                if prev_wake is not None:  # periods within an episode (not across scene resets)
+                    self.stats["periods"].append(now - prev_wake)
+                prev_wake = now
                 self.stats["wake"].append(now)
                 self.stats["scheduled"].append(t_next)
                 if self.estop.triggered:
@@ -332,7 +342,7 @@ class Runner:
         wake, sched = np.array(st["wake"]), np.array(st["scheduled"])
         realtime = self.robot.clock.realtime
         ms = lambda x, q: float(np.percentile(x, q) * 1e3) if len(x) else None  # noqa: E731
-        periods = np.diff(wake) if realtime and len(wake) > 1 else np.array([])
+        periods = np.array(st["periods"]) if realtime else np.array([])
         jitter = np.abs(wake - sched) if realtime else np.array([])
         lat = np.array(st["latency"])
         ticks = st["ticks"]
