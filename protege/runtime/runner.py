@@ -5,12 +5,14 @@ Each tick (monotonic clock, `period = 1 / rate_hz`): read the robot, update the 
 chunk executor (`chunking.py`: chunk execution or temporal ensembling, explicit step indices), turn
 it into a safe joint command (`Controller`: action space, IK, safety) and send it, record the step.
 
-Inference runs in a worker thread, so the loop never waits for the policy. A request made at step s
+Inference runs off the loop (a thread or a process), so the loop never waits for the policy. A request made at step s
 returns a chunk whose first action belongs to step s; by the time it arrives the steps already
 passed are dropped (counted as stale). The next request is started `lead` steps before the current
-chunk runs out, `lead` from the measured latency: 0 when inference fits in `inference_budget` of a
-period (the loop then waits for it inside the tick, which is equivalent to synchronous evaluation),
-else ceil(latency / period). With a simulated clock (`robot.clock.realtime` False) the loop always
+chunk runs out, `lead` from the measured latency (the worst of the last 10 calls): 0 when inference
+fits in `inference_budget` of a period (the loop then waits for it inside the tick, which is
+equivalent to synchronous evaluation), else ceil(latency / period) + 1. Inference runs in a spawned
+process by default (`inference=process`), so the policy's Python code never holds the loop's GIL,
+and the loop thread asks for SCHED_FIFO priority (`rt_priority`) so other processes cannot delay it. With a simulated clock (`robot.clock.realtime` False) the loop always
 waits for inference: simulated time stands still meanwhile.
 
 When no action is available (policy late, action rejected by the safety layer, camera frame
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import sys
 import threading
@@ -59,6 +62,22 @@ class RunnerSettings:
     stop_on_success: bool = True
     record: bool = True
     out_dir: str | None = None
+    inference: str = "thread"  # thread | process (see InferenceWorker)
+    rt_priority: int = 50  # SCHED_FIFO priority of the control loop thread (Linux; 0: off; needs root or CAP_SYS_NICE)
+
+
+def _realtime_priority(priority: int) -> tuple | None:
+    """Run the calling thread (the control loop) under SCHED_FIFO so other processes cannot delay a
+    tick; the inference thread, started before, keeps normal priority. Returns what to restore."""
+    if priority <= 0 or not hasattr(os, "sched_setscheduler"):
+        return None
+    old = (os.sched_getscheduler(0), os.sched_getparam(0))
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except OSError as e:
+        log.warning("runner: no real-time priority for the control loop (%s); timing will suffer on a loaded machine", e)
+        return None
+    return old
 
 
 class _Stop(Exception):
@@ -67,32 +86,67 @@ class _Stop(Exception):
         self.status, self.message = status, message
 
 
+def _predict(policy: Any, device: torch.device, obs: dict[str, np.ndarray]) -> np.ndarray:
+    with torch.no_grad():
+        batch = {k: torch.from_numpy(v[None]).to(device) for k, v in obs.items()}
+        return policy.predict_action(batch)[0].float().cpu().numpy()
+
+
+def _serve(policy: Any, device: torch.device, requests: Any, results: Any) -> None:
+    """The inference loop (a thread, or the body of the inference process): requests (step, obs) ->
+    results (step, chunk | None, latency s, error text | None); None ends it."""
+    torch.set_num_threads(1)  # leave the other core to the control loop
+    results.put("ready")
+    while True:
+        item = requests.get()
+        if item is None:
+            return
+        step, obs = item
+        t0 = time.perf_counter()
+        try:
+            chunk = _predict(policy, device, obs)
+            results.put((step, chunk, time.perf_counter() - t0, None))
+        except BaseException as e:  # noqa: BLE001 - reported to the control loop, which stops safely
+            results.put((step, None, time.perf_counter() - t0, f"{type(e).__name__}: {e}"))
+
+
+def _serve_process(policy: Any, device: torch.device, requests: Any, results: Any) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the control loop's to handle (e-stop)
+    _serve(policy, device, requests, results)
+
+
 class InferenceWorker:
-    """One background thread running `policy.predict_action`; one request in flight at a time."""
+    """Runs `policy.predict_action` off the control loop, one request in flight at a time.
 
-    def __init__(self, policy: Any, device: torch.device) -> None:
-        self.policy, self.device = policy, device
-        self.requests: queue.Queue = queue.Queue()
-        self.results: queue.Queue = queue.Queue()
-        self.busy = False
-        self.thread = threading.Thread(target=self._loop, name="protege-inference", daemon=True)
-        self.thread.start()
+    `mode="thread"`: a thread (any policy object; its Python code shares the GIL with the loop).
+    `mode="process"`: a spawned process (the policy is pickled over, tensors in shared memory):
+    no GIL sharing, so a Python-heavy policy such as Diffusion Policy cannot delay a tick."""
 
-    def _loop(self) -> None:
-        torch.set_num_threads(1)  # leave the other core to the control loop
-        while True:
-            item = self.requests.get()
-            if item is None:
-                return
-            step, obs = item
-            t0 = time.perf_counter()
-            try:
-                with torch.no_grad():
-                    batch = {k: torch.from_numpy(v[None]).to(self.device) for k, v in obs.items()}
-                    chunk = self.policy.predict_action(batch)[0].float().cpu().numpy()
-                self.results.put((step, chunk, time.perf_counter() - t0, None))
-            except BaseException as e:  # noqa: BLE001 - reported to the control loop, which stops safely
-                self.results.put((step, None, time.perf_counter() - t0, e))
+    def __init__(self, policy: Any, device: torch.device, mode: str = "thread", start_timeout: float = 120.0) -> None:
+        if mode not in ("thread", "process"):
+            raise ConfigError(f"runner: inference must be 'thread' or 'process', got {mode!r}")
+        self.mode, self.busy = mode, False
+        if mode == "thread":
+            self.requests, self.results = queue.Queue(), queue.Queue()
+            self.worker: Any = threading.Thread(target=_serve, args=(policy, device, self.requests, self.results),
+                                                name="protege-inference", daemon=True)
+        else:
+            import torch.multiprocessing as tmp
+
+            ctx = tmp.get_context("spawn")
+            self.requests, self.results = ctx.Queue(), ctx.Queue()
+            self.worker = ctx.Process(target=_serve_process, args=(policy, device, self.requests, self.results),
+                                      name="protege-inference", daemon=True)
+        self.worker.start()
+        try:
+            ready = self.results.get(timeout=start_timeout)
+        except queue.Empty:
+            ready = None
+        if ready != "ready":
+            self.close()
+            raise RuntimeError(f"the inference {mode} did not start within {start_timeout:g} s")
 
     def submit(self, step: int, obs: dict[str, np.ndarray]) -> None:
         self.busy = True
@@ -102,16 +156,27 @@ class InferenceWorker:
         """A finished result, waiting up to `timeout` s (0: poll; None: wait for it)."""
         if not self.busy:
             return None
-        try:
-            res = self.results.get(block=timeout is None or timeout > 0, timeout=timeout if timeout else None)
-        except queue.Empty:
-            return None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+            try:
+                res = self.results.get(block=wait > 0, timeout=wait if wait > 0 else None)
+                break
+            except queue.Empty:
+                if self.mode == "process" and not self.worker.is_alive():
+                    res = (-1, None, 0.0, f"inference process died (exit code {self.worker.exitcode})")
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
         self.busy = False
         return res
 
     def close(self) -> None:
         self.requests.put(None)
-        self.thread.join(timeout=1.0)  # a policy stuck in a long call stays behind as a daemon thread
+        self.worker.join(timeout=2.0)  # a policy stuck in a long call stays behind as a daemon
+        if self.mode == "process" and self.worker.is_alive():
+            self.worker.kill()
+            self.worker.join(timeout=2.0)
 
 
 class Runner:
@@ -169,12 +234,13 @@ class Runner:
         self.episodes: list[dict[str, Any]] = []
         self.buffer = None
         status, message = "completed", f"{self.s.n_episodes} episode(s) completed"
-        worker = InferenceWorker(self.policy, self.device)
         self.policy.eval()
+        worker = InferenceWorker(self.policy, self.device, self.s.inference)
         # the loop thread must get the GIL back quickly when it wakes; the default 5 ms switch
         # interval would let the inference thread's Python code delay a tick by up to 5 ms
         switch = sys.getswitchinterval()
         sys.setswitchinterval(2e-4)
+        old_sched = _realtime_priority(self.s.rt_priority) if self.robot.clock.realtime else None
         try:
             with self.estop.signals():
                 try:
@@ -189,6 +255,8 @@ class Runner:
                     status, message = "SIGINT", "interrupted (second Ctrl-C)"
         finally:
             sys.setswitchinterval(switch)
+            if old_sched is not None:
+                os.sched_setscheduler(0, *old_sched)
             worker.close()
             stop_error = self._safe_stop()
             if stop_error and status == "completed":
@@ -298,7 +366,7 @@ class Runner:
         start, chunk, latency, error = res
         self.stats["latency"].append(latency)
         if error is not None:
-            raise _Stop("policy_error", f"policy raised {type(error).__name__}: {error} (at step {step}); robot stopped")
+            raise _Stop("policy_error", f"policy raised {error} (at step {step}); robot stopped")
         executor.add(chunk, start)
         self.stats["stale_actions_dropped"] += min(len(chunk), max(0, step - start))
 
@@ -308,7 +376,8 @@ class Runner:
 
     def _lead(self) -> int:
         lat = self._latency_ms() / 1e3
-        return 0 if lat <= self.s.inference_budget * self.period else math.ceil(lat / self.period)
+        # one period of margin: latency varies from call to call
+        return 0 if lat <= self.s.inference_budget * self.period else math.ceil(lat / self.period) + 1
 
     # ------------------------------------------------------------------------------- recording
     def _record(self, rec: dict[str, list], obs: Observation, pobs: dict[str, np.ndarray], action: np.ndarray,
