@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+# diffusers (-> triton) must be imported before mujoco: with MUJOCO_GL=osmesa the reverse order
+# segfaults in this environment (triton's and OSMesa's LLVMs in one process)
+import protege.policies.diffusion  # noqa: F401
 from protege.datasets.replay_buffer import ReplayBuffer
 from protege.envs import make_env, make_expert
 from protege.envs.collect import run_expert_episode
@@ -320,7 +323,8 @@ def test_cli_run(reach_bc, tmp_path) -> None:  # noqa: ANN001
     import sys
 
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "protege.cli", "run", f"checkpoint={reach_bc['run_dir']}", "hardware=mujoco_fast",
+    # the default runner config: inference in a spawned process, real-time pacing
+    cmd = [sys.executable, "-m", "protege.cli", "run", f"checkpoint={reach_bc['run_dir']}", "hardware=mujoco",
            "runner.n_episodes=2", f"runner.out_dir={out}"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
