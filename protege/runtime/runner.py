@@ -433,6 +433,8 @@ class Runner:
             "safety_interventions": dict(self.safety.counts),
             "recording": str(self.out_dir / "recording.zarr") if self.buffer is not None else None,
         }
+        if hasattr(self.robot, "diagnostics"):  # e.g. the Franka's 1 kHz loop: cycles, gaps, errors
+            report["robot_diagnostics"] = self.robot.diagnostics()
         if self.out_dir is not None:
             from protege.evaluation.rollout import write_json
 
@@ -455,6 +457,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"stale actions dropped {r['stale_actions_dropped']}",
         f"  safety interventions: {r['safety_interventions'] or 'none'}",
     ]
+    if r.get("robot_diagnostics"):
+        lines.append(f"  robot: {r['robot_diagnostics']}")
     if r.get("recording"):
         lines.append(f"  recording: {r['recording']}")
     if r.get("json"):
