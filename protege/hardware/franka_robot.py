@@ -6,7 +6,8 @@ pylibfranka exposes exactly that (`start_joint_position_control` -> `readOnce`/`
 franky's strength is its own motion generators (Ruckig trajectories), which would sit between our
 safety layer and the robot. pylibfranka is Franka's own, versioned with libfranka.
 
-The 1 kHz loop runs in its own thread; the runner only swaps in a new target (under a lock), so the
+The 1 kHz loop runs in its own thread (SCHED_FIFO priority 80 when allowed, above the runner's
+loop); the runner only swaps in a new target (under a lock), so the
 loop never waits for policy inference (which runs in another process by default). Each cycle the
 target is interpolated linearly over the measured command interval (robot time), then passed through
 a rate limiter (velocity <= 90 % of the limit, acceleration-limited, braking distance respected) so
@@ -24,6 +25,7 @@ use one convention everywhere.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -60,6 +62,7 @@ class FrankaRobot:
         max_recoveries: int = 3,
         gripper_speed: float = 0.1,
         connect_timeout: float = 5.0,
+        rt_priority: int = 80,
     ) -> None:
         if cameras:
             raise ConfigError(f"franka robot: cameras {list(cameras)} requested, but this backend has no camera "
@@ -70,7 +73,7 @@ class FrankaRobot:
             raise ConfigError(f"franka robot: realtime_config must be 'enforce' or 'ignore', got {realtime_config!r}")
         self.hostname, self.name, self.model, self.use_gripper = hostname, name, model, gripper
         self.realtime_config, self.max_recoveries, self.gripper_speed = realtime_config, max_recoveries, gripper_speed
-        self.connect_timeout = connect_timeout
+        self.connect_timeout, self.rt_priority = connect_timeout, rt_priority
         self.kinematics = PandaKinematics()
         lo, hi = FRANKA_LIMITS[model]
         lower = np.maximum(lo + JOINT_OFFSET, self.kinematics.lower)
@@ -90,10 +93,9 @@ class FrankaRobot:
         self._robot_time = 0.0
         self._target: tuple | None = None  # (q_start, q_goal, t_start, duration)
         self._last_cmd_time: float | None = None
-        self._gripper_target: float | None = None
         self._gripper_width = 0.0
         self._gripper_proc: Any = None
-        self.diag = {"cycles": 0, "max_cycle_gap_ms": 0.0, "comm_errors": 0, "recoveries": 0,
+        self.diag = {"cycles": 0, "max_cycle_gap_ms": 0.0, "late_cycles": 0, "comm_errors": 0, "recoveries": 0,
                      "min_command_success_rate": 1.0}
 
     # ------------------------------------------------------------------------------------ protocol
@@ -125,6 +127,8 @@ class FrankaRobot:
 
     def read(self) -> Observation:
         self._check()
+        if self._gripper_proc is not None:
+            self._gripper_poll()
         with self._lock:
             t, q, dq = self._state
             width = self._gripper_width
@@ -141,7 +145,10 @@ class FrankaRobot:
             dur = 0.1 if self._last_cmd_time is None else float(np.clip(now - self._last_cmd_time, 0.01, 0.2))
             self._target = (self._q_cmd.copy(), np.asarray(cmd.q, float).copy(), now, dur)
             self._last_cmd_time = now
-            self._gripper_target = float(cmd.gripper)
+        sent = self._gripper_sent if self._gripper_proc is not None else None
+        if self._gripper_proc is not None and (sent is None or abs(cmd.gripper - sent) > 2e-3):
+            self._gripper_requests.put(float(cmd.gripper))  # moves > 2 mm only: each move blocks the gripper
+            self._gripper_sent = float(cmd.gripper)
 
     def stop(self) -> None:
         """Brake to rest, finish the motion, join the loop. Safe to call twice or after a lost connection."""
@@ -197,9 +204,15 @@ class FrankaRobot:
     def _control_loop(self) -> None:
         pf = self._pf
         recoveries = 0
+        if self.rt_priority > 0 and hasattr(os, "sched_setscheduler"):
+            try:  # above the runner's loop (50): the 1 kHz cycle must never wait for it
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.rt_priority))
+            except OSError as e:
+                log.warning("%s: no real-time priority for the 1 kHz loop: %s", self.name, e)
         while not self._stopping:
             try:
                 ctrl = self._robot.start_joint_position_control(pf.ControllerMode.JointImpedance)
+                first = True
                 while True:
                     state, duration = ctrl.readOnce()
                     dt = duration.to_sec()
@@ -212,7 +225,10 @@ class FrankaRobot:
                         q_out = self._q_cmd - JOINT_OFFSET
                     d = self.diag
                     d["cycles"] += 1
-                    d["max_cycle_gap_ms"] = max(d["max_cycle_gap_ms"], dt * 1e3)
+                    if not first:  # the first read of a control session reports the time since the last one
+                        d["max_cycle_gap_ms"] = max(d["max_cycle_gap_ms"], dt * 1e3)
+                        d["late_cycles"] += dt > 1.5e-3
+                    first = False
                     d["min_command_success_rate"] = min(d["min_command_success_rate"], float(state.control_command_success_rate))
                     cmd = pf.JointPositions(q_out.tolist())
                     done = braking and np.all(np.abs(self._v_cmd) < 1e-4)
@@ -266,22 +282,18 @@ class FrankaRobot:
         if isinstance(width, str):
             raise RobotError(f"{self.name}: gripper at {self.hostname}: {width}")
         self._gripper_width = width
-        threading.Thread(target=self._gripper_client, name="franka-gripper-client", daemon=True).start()
+        self._gripper_sent: float | None = None
 
-    def _gripper_client(self) -> None:
-        """Forward new gripper targets (changes > 2 mm) to the gripper process; collect its readings."""
+    def _gripper_poll(self) -> None:
+        """Collect the gripper process's replies (no thread of its own: every Python thread in this
+        process can hold the GIL while the OS preempts it, which would delay the 1 kHz thread)."""
         import queue
 
-        sent = None
-        while not self._stopping and self._error is None and self._gripper_proc is not None:
-            target = self._gripper_target
-            if target is not None and (sent is None or abs(target - sent) > 2e-3):
-                self._gripper_requests.put(target)
-                sent = target
+        while True:
             try:
-                reply = self._gripper_replies.get(timeout=0.01)
+                reply = self._gripper_replies.get_nowait()
             except queue.Empty:
-                continue
+                return
             if isinstance(reply, str):
                 log.warning("%s: gripper: %s", self.name, reply)  # a failed move is not fatal for the arm
             else:
