@@ -124,9 +124,8 @@ def test_franka_runner_against_franky_sim(sim: FrankySim, tmp_path: Path) -> Non
     assert report["status"] == "completed", report["message"]
     d = report["robot_diagnostics"]
     assert d["comm_errors"] == 0 and d["error"] is None and d["min_command_success_rate"] == 1.0
-    # robot time between two 1 kHz cycles: inference (in a process) never stalls the loop; on this
-    # shared, loaded 2-core machine an occasional cycle is late when a normal-priority Python thread
-    # holding the GIL is preempted (measured 0-1 late cycles of ~4700)
+    # robot time between two 1 kHz cycles: the loop (its own process) never waits for inference; on
+    # this shared, loaded 2-core machine the OS may still delay an occasional cycle
     assert d["late_cycles"] <= 0.002 * d["cycles"] and d["max_cycle_gap_ms"] <= 5.0, d
     buf = ReplayBuffer.open(tmp_path / "run" / "recording.zarr")
     t = buf["robot/t"][: buf.n_steps]

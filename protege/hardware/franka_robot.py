@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -48,6 +47,12 @@ FRANKA_LIMITS = {
 }
 
 
+# shared-memory layout (float64): state written by the loop, goal written by the runner, diagnostics
+_T, _Q, _DQ, _GOAL, _SEQ = 0, slice(1, 8), slice(8, 15), slice(15, 22), 22
+_CYCLES, _MAXGAP, _LATE, _COMM, _RECOV, _MINSUCC, _STOPPING, _FINISHED = range(23, 31)
+_SHM_SIZE = 31
+
+
 class FrankaRobot:
     def __init__(
         self,
@@ -61,7 +66,7 @@ class FrankaRobot:
         limits: dict[str, Any] | None = None,
         max_recoveries: int = 3,
         gripper_speed: float = 0.1,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = 30.0,
         rt_priority: int = 80,
     ) -> None:
         if cameras:
@@ -80,83 +85,72 @@ class FrankaRobot:
         upper = np.minimum(hi + JOINT_OFFSET, self.kinematics.upper)
         self.limits = Limits.panda(lower, upper, **(limits or {}))
         self.clock = MonotonicClock()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._robot: Any = None
-        self._reset_state()
-
-    def _reset_state(self) -> None:
-        self._error: str | None = None
-        self._stopping = False
-        self.stopped = False
-        self._state: tuple | None = None  # (robot time s, q, dq) in model coordinates
-        self._robot_time = 0.0
-        self._target: tuple | None = None  # (q_start, q_goal, t_start, duration)
-        self._last_cmd_time: float | None = None
-        self._gripper_width = 0.0
+        self._proc: Any = None
         self._gripper_proc: Any = None
-        self.diag = {"cycles": 0, "max_cycle_gap_ms": 0.0, "late_cycles": 0, "comm_errors": 0, "recoveries": 0,
-                     "min_command_success_rate": 1.0}
+        self.stopped = False
 
     # ------------------------------------------------------------------------------------ protocol
     def connect(self) -> None:
-        try:
-            import pylibfranka as pf
-        except ImportError as e:
-            raise ConfigError("the Franka backend needs pylibfranka (pip install pylibfranka)") from e
-        self._pf = pf
-        self._reset_state()
-        rt = pf.RealtimeConfig.kEnforce if self.realtime_config == "enforce" else pf.RealtimeConfig.kIgnore
-        try:
-            self._robot = pf.Robot(self.hostname, rt)
-            state = self._robot.read_once()
-        except Exception as e:  # noqa: BLE001 - libfranka raises NetworkException, IncompatibleVersion, ...
-            raise RobotError(f"{self.name}: cannot connect to {self.hostname}: {e}") from e
-        q = np.asarray(state.q) + JOINT_OFFSET
-        self._q_cmd, self._v_cmd = q.copy(), np.zeros(7)
-        self._state = (0.0, q, np.zeros(7))
-        if self.use_gripper:
-            self._start_gripper()
-        self._thread = threading.Thread(target=self._control_loop, name="franka-1khz", daemon=True)
-        self._thread.start()
+        import importlib.util
+        import multiprocessing as mp
+
+        if importlib.util.find_spec("pylibfranka") is None:
+            raise ConfigError("the Franka backend needs pylibfranka (pip install pylibfranka)")
+        ctx = mp.get_context("spawn")
+        self._shm = ctx.Array("d", _SHM_SIZE, lock=False)
+        self._lock = ctx.Lock()
+        self._err = ctx.Array("c", 1024, lock=False)
+        self._shm[_MINSUCC] = 1.0
+        self._seq = 0
+        self.stopped = False
+        self._proc = ctx.Process(target=_control_process, name="franka-1khz", daemon=True, args=(
+            self.hostname, self.realtime_config, self.max_recoveries, self.rt_priority,
+            self.limits.joint_lower, self.limits.joint_upper, self._shm, self._lock, self._err))
+        self._proc.start()
         t0 = time.monotonic()
-        while self.diag["cycles"] == 0 and self._error is None and time.monotonic() - t0 < self.connect_timeout:
-            time.sleep(0.001)
-        if self._error is not None or self.diag["cycles"] == 0:
-            raise RobotError(f"{self.name}: control loop did not start: {self._error or 'no state within timeout'}")
+        while self._shm[_CYCLES] == 0 and not self._shm[_FINISHED] and time.monotonic() - t0 < self.connect_timeout:
+            time.sleep(0.005)
+        if self._shm[_CYCLES] == 0:
+            err = self._error() or f"no robot state within {self.connect_timeout:g} s"
+            self._kill()
+            raise RobotError(f"{self.name}: cannot connect to {self.hostname}: {err}")
+        self._gripper_width = 0.0
+        if self.use_gripper:
+            try:
+                self._start_gripper()
+            except RobotError:
+                self.stop()
+                raise
 
     def read(self) -> Observation:
         self._check()
         if self._gripper_proc is not None:
             self._gripper_poll()
         with self._lock:
-            t, q, dq = self._state
-            width = self._gripper_width
+            t, q, dq = self._shm[_T], np.array(self._shm[_Q]), np.array(self._shm[_DQ])
         pos, quat = self.kinematics.fk(q)
-        return Observation(t=t, joint_pos=q.copy(), joint_vel=dq.copy(), ee_pos=pos, ee_quat=quat, gripper=np.array([width]))
+        return Observation(t=t, joint_pos=q, joint_vel=dq, ee_pos=pos, ee_quat=quat, gripper=np.array([self._gripper_width]))
 
     def command(self, cmd: JointCommand) -> None:
         self._check()
-        if self.stopped or self._stopping:
+        if self.stopped:
             raise RobotError(f"{self.name}: command after stop(); reconnect first")
+        self._seq += 1
         with self._lock:
-            now = self._robot_time
-            # interpolate over the interval at which targets arrive (robot time), 10 ms .. 200 ms
-            dur = 0.1 if self._last_cmd_time is None else float(np.clip(now - self._last_cmd_time, 0.01, 0.2))
-            self._target = (self._q_cmd.copy(), np.asarray(cmd.q, float).copy(), now, dur)
-            self._last_cmd_time = now
+            self._shm[_GOAL] = np.asarray(cmd.q, float).tolist()
+            self._shm[_SEQ] = self._seq
         sent = self._gripper_sent if self._gripper_proc is not None else None
         if self._gripper_proc is not None and (sent is None or abs(cmd.gripper - sent) > 2e-3):
             self._gripper_requests.put(float(cmd.gripper))  # moves > 2 mm only: each move blocks the gripper
             self._gripper_sent = float(cmd.gripper)
 
     def stop(self) -> None:
-        """Brake to rest, finish the motion, join the loop. Safe to call twice or after a lost connection."""
-        if self._thread is None:
+        """Brake to rest, finish the motion, end the loop. Safe to call twice or after a lost connection."""
+        if self._proc is None:
             return
-        self._stopping = True
-        self._thread.join(timeout=3.0)
-        self._thread = None
+        self._shm[_STOPPING] = 1.0
+        self._proc.join(timeout=5.0)
+        self._kill()
         if self._gripper_proc is not None:
             self._gripper_requests.put(None)
             self._gripper_proc.join(timeout=2.0)
@@ -164,103 +158,41 @@ class FrankaRobot:
                 self._gripper_proc.kill()
             self._gripper_proc = None
         self.stopped = True
-        try:
-            if self._robot is not None:
-                self._robot.stop()
-        except Exception as e:  # noqa: BLE001 - connection may be gone already
-            log.warning("%s: robot.stop(): %s", self.name, e)
 
     def close(self) -> None:
         self.stop()
-        self._robot = None
 
     def diagnostics(self) -> dict[str, Any]:
-        return {**self.diag, "error": self._error}
+        if self._proc is None and not hasattr(self, "_shm"):
+            return {}
+        s = self._shm
+        return {"cycles": int(s[_CYCLES]), "max_cycle_gap_ms": float(s[_MAXGAP]), "late_cycles": int(s[_LATE]),
+                "comm_errors": int(s[_COMM]), "recoveries": int(s[_RECOV]), "min_command_success_rate": float(s[_MINSUCC]),
+                "error": self._error()}
 
     # ------------------------------------------------------------------------------------ internals
+    def _error(self) -> str | None:
+        return self._err.value.decode(errors="replace") or None
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=2.0)
+        self._proc = None
+
     def _check(self) -> None:
-        if self._robot is None:
+        if not hasattr(self, "_shm"):
             raise RobotError(f"{self.name}: not connected (call connect() first)")
-        if self._error is not None:
-            raise RobotError(f"{self.name}: {self._error}")
-
-    def _interpolate(self, dt: float, braking: bool) -> None:
-        """Advance the commanded joints by one cycle: linear target, then velocity/acceleration limits."""
-        vmax, amax = 0.9 * VEL_LIMITS, 0.9 * ACC_LIMITS
-        if braking or self._target is None:
-            desired = self._q_cmd + self._v_cmd * dt if not braking else self._q_cmd
-        else:
-            q0, q1, t0, dur = self._target
-            alpha = min(1.0, max(0.0, (self._robot_time - t0) / dur))
-            desired = q0 + alpha * (q1 - q0)
-        err = desired - self._q_cmd
-        # never faster than we can still brake within the remaining distance
-        v_brake = np.sqrt(2 * amax * np.abs(err)) * np.sign(err)
-        v_want = np.clip(err / dt, -np.abs(v_brake), np.abs(v_brake)) if not braking else np.zeros(7)
-        v = np.clip(np.clip(v_want, self._v_cmd - amax * dt, self._v_cmd + amax * dt), -vmax, vmax)
-        self._q_cmd = np.clip(self._q_cmd + v * dt, self.limits.joint_lower, self.limits.joint_upper)
-        self._v_cmd = v
-
-    def _control_loop(self) -> None:
-        pf = self._pf
-        recoveries = 0
-        if self.rt_priority > 0 and hasattr(os, "sched_setscheduler"):
-            try:  # above the runner's loop (50): the 1 kHz cycle must never wait for it
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.rt_priority))
-            except OSError as e:
-                log.warning("%s: no real-time priority for the 1 kHz loop: %s", self.name, e)
-        while not self._stopping:
-            try:
-                ctrl = self._robot.start_joint_position_control(pf.ControllerMode.JointImpedance)
-                first = True
-                while True:
-                    state, duration = ctrl.readOnce()
-                    dt = duration.to_sec()
-                    q = np.asarray(state.q) + JOINT_OFFSET
-                    with self._lock:
-                        self._robot_time += dt
-                        self._state = (self._robot_time, q, np.asarray(state.dq))
-                        braking = self._stopping
-                        self._interpolate(dt if dt > 0 else 1e-3, braking)
-                        q_out = self._q_cmd - JOINT_OFFSET
-                    d = self.diag
-                    d["cycles"] += 1
-                    if not first:  # the first read of a control session reports the time since the last one
-                        d["max_cycle_gap_ms"] = max(d["max_cycle_gap_ms"], dt * 1e3)
-                        d["late_cycles"] += dt > 1.5e-3
-                    first = False
-                    d["min_command_success_rate"] = min(d["min_command_success_rate"], float(state.control_command_success_rate))
-                    cmd = pf.JointPositions(q_out.tolist())
-                    done = braking and np.all(np.abs(self._v_cmd) < 1e-4)
-                    if done:
-                        cmd.motion_finished = True
-                    ctrl.writeOnce(cmd)
-                    if done:
-                        return
-            except pf.ControlException as e:  # a reflex: recover and resume from where the arm is
-                self.diag["comm_errors" if "communication" in str(e).lower() else "recoveries"] += 1
-                if self._stopping or recoveries >= self.max_recoveries:
-                    self._error = f"control error (after {recoveries} recoveries): {e}"
-                    return
-                recoveries += 1
-                log.warning("%s: control exception, recovering (%d/%d): %s", self.name, recoveries, self.max_recoveries, e)
-                try:
-                    self._robot.automatic_error_recovery()
-                    state = self._robot.read_once()
-                except Exception as e2:  # noqa: BLE001
-                    self._error = f"error recovery failed: {e2}"
-                    return
-                with self._lock:
-                    self._q_cmd, self._v_cmd = np.asarray(state.q) + JOINT_OFFSET, np.zeros(7)
-                    self._target = None
-            except Exception as e:  # noqa: BLE001 - NetworkException and anything else: the connection is gone
-                self.diag["comm_errors"] += 1
-                self._error = f"connection lost: {type(e).__name__}: {e}"
-                return
+        err = self._error()
+        if err is not None:
+            raise RobotError(f"{self.name}: {err}")
+        if not self.stopped and (self._proc is None or not self._proc.is_alive()):
+            code = None if self._proc is None else self._proc.exitcode
+            raise RobotError(f"{self.name}: the 1 kHz control process died (exit code {code})")
 
     def _start_gripper(self) -> None:
-        """The gripper client lives in its own process: pylibfranka's blocking `Gripper.move` holds
-        the GIL, which stalled the 1 kHz thread for the whole move (measured: 470 ms gaps)."""
+        """The gripper client lives in its own process too: pylibfranka's blocking `Gripper.move` holds
+        the GIL for the whole move (with the loop in a thread of this process: 470 ms gaps measured)."""
         import multiprocessing as mp
         import queue
 
@@ -285,8 +217,7 @@ class FrankaRobot:
         self._gripper_sent: float | None = None
 
     def _gripper_poll(self) -> None:
-        """Collect the gripper process's replies (no thread of its own: every Python thread in this
-        process can hold the GIL while the OS preempts it, which would delay the 1 kHz thread)."""
+        """Collect the gripper process's replies (polled from `read()`, no thread needed)."""
         import queue
 
         while True:
@@ -297,8 +228,112 @@ class FrankaRobot:
             if isinstance(reply, str):
                 log.warning("%s: gripper: %s", self.name, reply)  # a failed move is not fatal for the arm
             else:
-                with self._lock:
-                    self._gripper_width = reply
+                self._gripper_width = reply
+
+
+def _interpolate(q_cmd: np.ndarray, v_cmd: np.ndarray, desired: np.ndarray, dt: float, braking: bool,
+                 lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One cycle toward `desired` (None: hold): velocity <= 90 % of the limit, acceleration-limited,
+    never faster than it can still brake within the remaining distance."""
+    vmax, amax = 0.9 * VEL_LIMITS, 0.9 * ACC_LIMITS
+    if braking:
+        v_want = np.zeros(7)
+    else:
+        err = desired - q_cmd
+        v_brake = np.sqrt(2 * amax * np.abs(err))
+        v_want = np.clip(err / dt, -v_brake, v_brake)
+    v = np.clip(np.clip(v_want, v_cmd - amax * dt, v_cmd + amax * dt), -vmax, vmax)
+    return np.clip(q_cmd + v * dt, lower, upper), v
+
+
+def _control_process(hostname: str, realtime_config: str, max_recoveries: int, rt_priority: int,
+                     lower: np.ndarray, upper: np.ndarray, shm: Any, lock: Any, err: Any) -> None:
+    """The 1 kHz loop (its own process): read state, interpolate toward the newest goal, write."""
+    import signal
+
+    import pylibfranka as pf
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the runner, which calls stop()
+
+    def fail(msg: str) -> None:
+        err.value = msg.encode()[:1000]
+        shm[_FINISHED] = 1.0
+
+    if rt_priority > 0 and hasattr(os, "sched_setscheduler"):
+        try:  # above the runner's loop (50)
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(rt_priority))
+        except OSError:
+            pass  # no privilege: runs at normal priority
+    try:
+        rt = pf.RealtimeConfig.kEnforce if realtime_config == "enforce" else pf.RealtimeConfig.kIgnore
+        robot = pf.Robot(hostname, rt)
+        state = robot.read_once()
+    except Exception as e:  # noqa: BLE001 - NetworkException, IncompatibleVersion, ...
+        fail(f"{type(e).__name__}: {e}")
+        return
+    q_cmd, v_cmd = np.asarray(state.q) + JOINT_OFFSET, np.zeros(7)
+    seq, robot_time, recoveries = 0.0, 0.0, 0
+    target = None  # (q_start, q_goal, t_start, duration)
+    last_cmd_time = None
+    while True:
+        try:
+            ctrl = robot.start_joint_position_control(pf.ControllerMode.JointImpedance)
+            first = True
+            while True:
+                state, duration = ctrl.readOnce()
+                dt = duration.to_sec()
+                robot_time += dt
+                q = np.asarray(state.q) + JOINT_OFFSET
+                with lock:
+                    shm[_T] = robot_time
+                    shm[_Q] = q.tolist()
+                    shm[_DQ] = list(state.dq)
+                    new_seq, goal = shm[_SEQ], np.array(shm[_GOAL])
+                braking = shm[_STOPPING] > 0
+                if new_seq != seq and not braking:  # a new policy target: interpolate over the command interval
+                    dur = 0.1 if last_cmd_time is None else float(np.clip(robot_time - last_cmd_time, 0.01, 0.2))
+                    target, seq, last_cmd_time = (q_cmd.copy(), goal, robot_time, dur), new_seq, robot_time
+                if target is None:
+                    desired = q_cmd
+                else:
+                    q0, q1, t0, dur = target
+                    desired = q0 + min(1.0, max(0.0, (robot_time - t0) / dur)) * (q1 - q0)
+                q_cmd, v_cmd = _interpolate(q_cmd, v_cmd, desired, dt if dt > 0 else 1e-3, braking, lower, upper)
+                shm[_CYCLES] += 1
+                if not first:  # the first read of a control session reports the time since the last one
+                    shm[_MAXGAP] = max(shm[_MAXGAP], dt * 1e3)
+                    shm[_LATE] += dt > 1.5e-3
+                first = False
+                shm[_MINSUCC] = min(shm[_MINSUCC], float(state.control_command_success_rate))
+                cmd = pf.JointPositions((q_cmd - JOINT_OFFSET).tolist())
+                done = braking and bool(np.all(np.abs(v_cmd) < 1e-4))
+                if done:
+                    cmd.motion_finished = True
+                ctrl.writeOnce(cmd)
+                if done:
+                    try:
+                        robot.stop()
+                    except Exception:  # noqa: BLE001, S110 - the motion already finished
+                        pass
+                    shm[_FINISHED] = 1.0
+                    return
+        except pf.ControlException as e:  # a reflex: recover and resume from where the arm is
+            shm[_RECOV] += 1
+            if shm[_STOPPING] > 0 or recoveries >= max_recoveries:
+                fail(f"control error (after {recoveries} recoveries): {e}")
+                return
+            recoveries += 1
+            try:
+                robot.automatic_error_recovery()
+                state = robot.read_once()
+            except Exception as e2:  # noqa: BLE001
+                fail(f"error recovery failed: {e2}")
+                return
+            q_cmd, v_cmd, target = np.asarray(state.q) + JOINT_OFFSET, np.zeros(7), None
+        except Exception as e:  # noqa: BLE001 - NetworkException and anything else: the connection is gone
+            shm[_COMM] += 1
+            fail(f"connection lost: {type(e).__name__}: {e}")
+            return
 
 
 def _gripper_server(hostname: str, speed: float, max_width: float, requests: Any, replies: Any) -> None:
