@@ -215,6 +215,7 @@ def cmd_run(args: list[str]) -> int:
     from protege.runtime.runner import format_report, run_checkpoint
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("protege.runtime").setLevel(logging.INFO)
     for o in args:
         if o.startswith("hardware=") and o.partition("=")[2] not in _options("hardware"):
             from protege.errors import ConfigError

@@ -332,3 +332,25 @@ def test_cli_run(reach_bc, tmp_path) -> None:  # noqa: ANN001
     assert ReplayBuffer.open(out / "recording.zarr").n_episodes == 2
     bad = subprocess.run(cmd[:4] + ["hardware=nope"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown hardware 'nope'" in bad.stderr
+
+
+def test_cli_run_ctrl_c(reach_bc, tmp_path) -> None:  # noqa: ANN001
+    """A real SIGINT to `protege run`: the robot is stopped, the partial episode recorded, exit 130."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli_int"
+    cmd = [sys.executable, "-m", "protege.cli", "run", f"checkpoint={reach_bc['run_dir']}", "hardware=mujoco",
+           "runner.inference=thread", "runner.stop_on_success=false", "runner.max_steps=1000", f"runner.out_dir={out}"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    for line in p.stderr:  # wait until the loop runs
+        if "Ctrl-C stops the robot" in line or time.monotonic() > deadline:
+            break
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stderr
+    assert "run: SIGINT (exit 130): stopped by SIGINT" in stdout
+    buf = ReplayBuffer.open(out / "recording.zarr")
+    assert buf.n_episodes == 1 and 5 <= buf.n_steps < 1000

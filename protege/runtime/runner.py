@@ -245,6 +245,8 @@ class Runner:
             with self.estop.signals():
                 try:
                     self.robot.connect()
+                    log.info("runner: %s connected; %d episode(s) at %g Hz; Ctrl-C stops the robot",
+                             self.robot.name, self.s.n_episodes, 1.0 / self.period)
                     for ep in range(self.s.n_episodes):
                         self._episode(ep, worker)
                 except _Stop as e:
