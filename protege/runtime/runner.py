@@ -423,7 +423,7 @@ class Runner:
             "robot": self.robot.name, "realtime": realtime, "rate_hz": 1.0 / self.period,
             "temporal_ensemble": self.temporal_ensemble,
             "episodes": self.episodes,
-            "success_rate": float(np.mean(succ)) if succ else None,
+            "success_rate": float(np.mean(succ)) if succ and self.task is not None else None,
             "ticks": ticks,
             "period_ms_p50": ms(periods, 50), "period_ms_p99": ms(periods, 99),
             "jitter_ms_p50": ms(jitter, 50), "jitter_ms_p99": ms(jitter, 99),
