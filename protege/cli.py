@@ -29,7 +29,7 @@ commands:
           [runner.key=value ...]            control rate; records every step; prints timing; exit code says how it ended
 
 tasks: pointmass, pointmass_bimodal, metaworld (push-v3), or any Meta-World v3 name (task=door-open-v3),
-       franka_reach, franka_push (MuJoCo Panda)
+       franka_reach, franka_push, franka_pick_place (MuJoCo Panda)
 policies: diffusion, diffusion_paper, bc
 """
 

@@ -135,7 +135,7 @@ def test_safety_layer_limits_and_counts() -> None:
 
 
 def test_franka_experts_succeed() -> None:
-    for task in ("reach", "push"):
+    for task in ("reach", "push", "pick_place"):
         env = make_env("franka", task=task)
         expert = make_expert("franka", env)
         wins = [run_expert_episode(env, expert, seed)[1] for seed in range(5)]

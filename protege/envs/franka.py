@@ -10,6 +10,8 @@ Tasks (10 Hz, action `ee_delta` = [dx, dy, dz, gripper width] in metres, gripper
   state = [ee_pos, goal_pos].
 - `push`: push the cube on the table to within 3 cm of a random goal on the table.
   state = [ee_pos, cube_pos, goal_pos].
+- `pick_place`: grasp the cube and bring it within 3 cm of a random goal point in the air.
+  state = [ee_pos, gripper, cube_pos, goal_pos].
 """
 
 from __future__ import annotations
@@ -63,7 +65,22 @@ class Push(FrankaTask):
         return bool(np.linalg.norm(obs.extra["cube_pos"][:2] - obs.extra["goal_pos"][:2]) < self.tolerance)
 
 
-TASKS: dict[str, type[FrankaTask]] = {"reach": Reach, "push": Push}
+class PickPlace(FrankaTask):
+    name, state_keys, max_episode_steps = "pick_place", ["ee_pos", "gripper", "cube_pos", "goal_pos"], 100
+    tolerance = 0.03
+
+    def reset(self, robot: Any, rng: np.random.Generator) -> None:
+        cube = np.array([*rng.uniform([0.42, -0.15], [0.58, 0.15]), 0.025])
+        goal = np.array([*rng.uniform([0.42, -0.2], [0.58, 0.2]), rng.uniform(0.1, 0.25)])
+        while np.linalg.norm(goal[:2] - cube[:2]) < 0.1:
+            goal[:2] = rng.uniform([0.42, -0.2], [0.58, 0.2])
+        robot.reset_scene(HOME_Q, cube_pos=cube, goal_pos=goal)
+
+    def success(self, obs: Observation) -> bool:
+        return bool(np.linalg.norm(obs.extra["cube_pos"] - obs.extra["goal_pos"]) < self.tolerance)
+
+
+TASKS: dict[str, type[FrankaTask]] = {"reach": Reach, "push": Push, "pick_place": PickPlace}
 
 
 def make_task(name: str) -> FrankaTask:
@@ -139,6 +156,7 @@ class FrankaEnv(gym.Env):
 
 
 PUSH_Z = 0.07
+GRASP_DZ = 0.045  # end-effector site above the cube centre when the fingertips enclose it
 
 
 class FrankaExpert:
@@ -164,6 +182,8 @@ class FrankaExpert:
         ee, goal = o.ee_pos, o.extra["goal_pos"]
         if self.env.unwrapped.task.name == "reach":
             return self._toward(ee, goal, GRIPPER_MAX)
+        if self.env.unwrapped.task.name == "pick_place":
+            return self._pick_place(o, ee, goal)
         # push: go behind the cube (seen from the goal), descend, push through to the goal
         cube = o.extra["cube_pos"]
         direction = goal[:2] - cube[:2]
@@ -184,3 +204,26 @@ class FrankaExpert:
             if np.linalg.norm(lateral) > 0.03:  # lost the cube: back off and line up again
                 self.phase = 0
         return self._toward(ee, target, 0.0)
+
+    def _pick_place(self, o: Observation, ee: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        """Above the cube (open) -> down -> close -> lift -> carry to the goal."""
+        cube = o.extra["cube_pos"]
+        grasp = np.array([cube[0], cube[1], cube[2] + GRASP_DZ])
+        if self.phase == 0:  # above the cube, open
+            target, grip = grasp + [0, 0, 0.1], GRIPPER_MAX
+            if np.linalg.norm(ee[:2] - target[:2]) < 0.008:
+                self.phase = 1
+        if self.phase == 1:  # down around it
+            target, grip = grasp, GRIPPER_MAX
+            if abs(ee[2] - grasp[2]) < 0.008:
+                self.phase, self.t_close = 2, 0
+        if self.phase == 2:  # close and wait for the fingers
+            target, grip = grasp, 0.0
+            self.t_close += 1
+            if self.t_close >= 4:
+                self.phase = 3
+        if self.phase == 3:  # carry (the cube hangs GRASP_DZ below the end effector)
+            target, grip = goal + [0, 0, GRASP_DZ], 0.0
+            if cube[2] < 0.015 + 0.025 and ee[2] > grasp[2] + 0.05:  # dropped it: start over
+                self.phase = 0
+        return self._toward(ee, target, grip)
