@@ -95,7 +95,6 @@ def _predict(policy: Any, device: torch.device, obs: dict[str, np.ndarray]) -> n
 def _serve(policy: Any, device: torch.device, requests: Any, results: Any) -> None:
     """The inference loop (a thread, or the body of the inference process): requests (step, obs) ->
     results (step, chunk | None, latency s, error text | None); None ends it."""
-    torch.set_num_threads(1)  # leave the other core to the control loop
     results.put("ready")
     while True:
         item = requests.get()
@@ -114,6 +113,7 @@ def _serve_process(policy: Any, device: torch.device, requests: Any, results: An
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the control loop's to handle (e-stop)
+    torch.set_num_threads(1)  # leave the other core to the control loop (process-wide, hence only here)
     _serve(policy, device, requests, results)
 
 
