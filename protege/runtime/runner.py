@@ -128,7 +128,11 @@ class InferenceWorker:
         if mode not in ("thread", "process"):
             raise ConfigError(f"runner: inference must be 'thread' or 'process', got {mode!r}")
         self.mode, self.busy = mode, False
+        self.torch_threads = torch.get_num_threads()
         if mode == "thread":
+            # one intra-op thread while the loop runs (restored by close()): with two, torch's worker
+            # threads compete with the real-time loop for the 2 cores (measured: a 6.7 s DDIM call)
+            torch.set_num_threads(1)
             self.requests, self.results = queue.Queue(), queue.Queue()
             self.worker: Any = threading.Thread(target=_serve, args=(policy, device, self.requests, self.results),
                                                 name="protege-inference", daemon=True)
@@ -174,6 +178,7 @@ class InferenceWorker:
     def close(self) -> None:
         self.requests.put(None)
         self.worker.join(timeout=2.0)  # a policy stuck in a long call stays behind as a daemon
+        torch.set_num_threads(self.torch_threads)
         if self.mode == "process" and self.worker.is_alive():
             self.worker.kill()
             self.worker.join(timeout=2.0)
