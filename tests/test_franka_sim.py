@@ -133,8 +133,12 @@ def test_franka_runner_against_franky_sim(sim: FrankySim, tmp_path: Path) -> Non
     # commands reach the simulated robot: joint 1 follows the commanded wave (amplitude 0.15 rad)
     q, cmd = buf["robot/joint_pos"][: buf.n_steps, 0], buf["command/q"][: buf.n_steps, 0]
     assert np.ptp(q) > 0.15
-    lag = np.abs(q[5:] - cmd[4:-1])  # measured vs the previous tick's command (interpolated over one tick)
-    assert np.median(lag) < 0.02 and lag.max() < 0.1
+    # measured vs the previous tick's command: within about a tick of motion (franky-sim may run slower
+    # than real time on a loaded machine, so a tick can hold less than 100 ms of robot time)
+    lag = np.abs(q[5:] - cmd[4:-1])
+    step = np.median(np.abs(np.diff(cmd)))
+    assert np.median(lag) < 2 * step + 0.005 and lag.max() < 0.1, (np.median(lag), step)
+    assert np.corrcoef(q[5:], cmd[4:-1])[0, 1] > 0.95
     assert robot.stopped
 
 
