@@ -25,10 +25,13 @@ commands:
   convert <src> <out> [--format F]          LeRobot v2.1/v3 / robomimic / ALOHA hdf5 / npz folder -> replay buffer
                                             (resumable); --to lerobot|robomimic exports a buffer
   validate <buffer>                         read every value: layout, lengths, finite numbers
+  run     checkpoint=<dir> hardware=<name>  drive a robot (mujoco, mujoco_fast, franka) with a policy at its
+          [runner.key=value ...]            control rate; records every step; prints timing; exit code says how it ended
 
-tasks: pointmass, pointmass_bimodal, metaworld (push-v3), or any Meta-World v3 name (task=door-open-v3)
-       aloha_transfer_cube, aloha_insertion (bimanual, camera `top`; *_state: state-only)
-policies: diffusion, diffusion_paper, bc
+tasks: pointmass, pointmass_bimodal, pointmass_image, metaworld (push-v3), or any Meta-World v3 name (task=door-open-v3),
+       aloha_transfer_cube, aloha_insertion (bimanual, camera `top`; *_state: state-only),
+       franka_reach, franka_push, franka_pick_place (MuJoCo Panda)
+policies: diffusion, diffusion_paper, diffusion_image, bc, act, act_small
 """
 
 
@@ -223,7 +226,24 @@ def cmd_validate(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "collect": cmd_collect, "inspect": cmd_inspect,
+def cmd_run(args: list[str]) -> int:
+    import logging
+
+    from protege.runtime.runner import format_report, run_checkpoint
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("protege.runtime").setLevel(logging.INFO)
+    for o in args:
+        if o.startswith("hardware=") and o.partition("=")[2] not in _options("hardware"):
+            from protege.errors import ConfigError
+
+            raise ConfigError(f"unknown hardware {o.partition('=')[2]!r}; expected one of {_options('hardware')}")
+    report = run_checkpoint(compose("run", args))
+    print(format_report(report))
+    return int(report["exit_code"])
+
+
+COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "collect": cmd_collect, "inspect": cmd_inspect,
             "convert": cmd_convert, "validate": cmd_validate}
 
 

@@ -3,6 +3,7 @@
 #  - OSMesa (Debian libosmesa6) for offscreen MuJoCo rendering: videos and camera observations.
 #    Best effort: state-only training and evaluation work without it.
 #  - the protege package with its Python dependencies (torch, diffusers, zarr, metaworld, ...) and pytest.
+#  - franky-sim in its own venv (Franka backend tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! ldconfig -p 2>/dev/null | grep -q libOSMesa; then
@@ -15,5 +16,13 @@ if ! ldconfig -p 2>/dev/null | grep -q libOSMesa; then
   fi
 fi
 python -m pip install -q --disable-pip-version-check -e '.[dev]'
+# franky-sim (a libfranka-protocol simulator, for the Franka backend tests) pulls MuJoCo 4, which
+# Meta-World's MuJoCo 3.3 pin excludes: it gets its own venv (~2-3 min once; best effort, the tests
+# create it themselves or skip with the reason when this fails).
+FRANKY_VENV="${PROTEGE_FRANKY_SIM_VENV:-$HOME/.cache/protege/franky-sim-venv}"
+if [ ! -x "$FRANKY_VENV/bin/franky-sim" ]; then
+  { python -m venv "$FRANKY_VENV" && "$FRANKY_VENV/bin/pip" install -q --disable-pip-version-check franky-sim==1.0.4; } \
+    || echo "setup: could not create the franky-sim venv at $FRANKY_VENV; the Franka backend tests will try again or skip" >&2
+fi
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true  # expose the new `protege` console script
 echo "setup: done ($(python -c 'import torch, protege; print("protege", protege.__version__, "torch", torch.__version__)'))"

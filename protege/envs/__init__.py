@@ -44,7 +44,14 @@ def _aloha(task: str) -> Callable[..., gym.Env]:
     return make
 
 
+def _franka(**kwargs: Any) -> gym.Env:
+    from protege.envs.franka import FrankaEnv
+
+    return FrankaEnv(**kwargs)
+
+
 ENVS: dict[str, Callable[..., gym.Env]] = {
+    "franka": _franka,
     "pointmass": _pointmass(False),
     "pointmass_bimodal": _pointmass(True),
     "metaworld": _metaworld,
@@ -72,4 +79,8 @@ def make_expert(env_id: str, env: gym.Env, seed: int | None = None) -> Expert:
         from protege.envs.aloha import AlohaExpert
 
         return AlohaExpert(env, seed)
+    if env_id == "franka":
+        from protege.envs.franka import FrankaExpert
+
+        return FrankaExpert(env, seed)
     raise ConfigError(f"env {env_id!r} has no scripted expert")

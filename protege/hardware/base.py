@@ -1,0 +1,400 @@
+"""The robot protocol, action spaces, and the safety layer that sits between every policy and every robot.
+
+A `Robot` (MuJoCo or a real Franka) only knows joint-space commands: `command(JointCommand)`. What a
+policy outputs (joint positions, an end-effector delta or absolute pose, a gripper width) is turned
+into a `JointCommand` by a `Controller`: action space -> (IK) -> `SafetyLayer`. The same Controller
+runs in the gymnasium Franka env, in the runner on the MuJoCo backend and in the runner on the real
+robot, so a policy sees one behaviour everywhere.
+
+Safety (`SafetyLayer`): non-finite actions are rejected (hold), end-effector targets are clipped to
+the workspace box and to a maximum step per command, joint targets to the joint limits, to the
+maximum step per command and to the velocity and acceleration limits; gripper widths to their range;
+joint-space targets whose end effector leaves the workspace are rejected. Every intervention is
+counted by kind and logged. `Watchdog`: hold when no fresh action arrived in time, stop after a
+timeout. `EStop`: Ctrl-C / SIGTERM / `trigger()`; the runner always ends in `robot.stop()`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from protege.errors import ConfigError, ProtegeError
+
+log = logging.getLogger("protege.hardware")
+
+
+class RobotError(ProtegeError):
+    """The robot cannot be driven: connection lost, controller error, commanded after stop()."""
+
+
+# --------------------------------------------------------------------------------------------- records
+@dataclass
+class Observation:
+    """One reading of the robot. `t` is robot time in seconds (monotonic; simulated time in a
+    simulator). `images[cam]` is None when a camera delivered no frame. `extra` holds what only a
+    simulator knows (object and goal positions), keyed by name."""
+
+    t: float
+    joint_pos: np.ndarray  # (7,) rad
+    joint_vel: np.ndarray  # (7,) rad/s
+    ee_pos: np.ndarray  # (3,) m, base frame
+    ee_quat: np.ndarray  # (4,) w, x, y, z
+    gripper: np.ndarray  # (1,) opening width, m
+    images: dict[str, np.ndarray | None] = field(default_factory=dict)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def get(self, name: str) -> np.ndarray:
+        """A named state field: a dataclass field (joint_pos, ee_pos, ...) or an `extra` entry."""
+        if name in self.extra:
+            return np.asarray(self.extra[name])
+        if name in ("joint_pos", "joint_vel", "ee_pos", "ee_quat", "gripper"):
+            return np.asarray(getattr(self, name))
+        known = ["joint_pos", "joint_vel", "ee_pos", "ee_quat", "gripper", *self.extra]
+        raise ConfigError(f"observation field {name!r} is not provided by this robot; available: {known}")
+
+
+@dataclass
+class JointCommand:
+    q: np.ndarray  # (7,) joint position targets, rad
+    gripper: float  # target opening width, m
+
+
+@dataclass
+class Limits:
+    """Declared limits of a robot; the safety layer enforces them on every command."""
+
+    joint_lower: np.ndarray
+    joint_upper: np.ndarray
+    joint_vel: np.ndarray  # rad/s
+    joint_acc: np.ndarray  # rad/s^2
+    workspace_lower: np.ndarray  # (3,) m, end-effector box in the base frame
+    workspace_upper: np.ndarray
+    gripper_min: float = 0.0
+    gripper_max: float = 0.08
+    max_joint_step: float = 0.25  # rad per command
+    max_ee_step: float = 0.05  # m per command
+
+    @classmethod
+    def panda(cls, joint_lower: np.ndarray, joint_upper: np.ndarray, **overrides: object) -> Limits:
+        from protege.hardware.panda import ACC_LIMITS, GRIPPER_MAX, VEL_LIMITS
+
+        kw: dict = dict(joint_lower=np.asarray(joint_lower, float), joint_upper=np.asarray(joint_upper, float),
+                        joint_vel=VEL_LIMITS.copy(), joint_acc=ACC_LIMITS.copy(),
+                        workspace_lower=np.array([0.2, -0.45, 0.005]), workspace_upper=np.array([0.8, 0.45, 0.6]),
+                        gripper_max=GRIPPER_MAX)
+        for k, v in overrides.items():
+            if v is not None:
+                kw[k] = np.asarray(v, float) if isinstance(v, (list, tuple, np.ndarray)) else v
+        return cls(**kw)
+
+
+# ----------------------------------------------------------------------------------------------- clocks
+class MonotonicClock:
+    """Wall time on the monotonic clock. `sleep_until` sleeps to `SPIN_S` before the deadline and
+    spins the rest: plain `time.sleep` overshoots by milliseconds on a loaded machine."""
+
+    realtime = True
+    SPIN_S = 2e-3
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep_until(self, t: float) -> None:
+        remaining = t - time.monotonic()
+        if remaining > self.SPIN_S:
+            time.sleep(remaining - self.SPIN_S)
+        while time.monotonic() < t:
+            pass
+
+
+@runtime_checkable
+class Robot(Protocol):
+    name: str
+    limits: Limits
+    clock: MonotonicClock  # or a simulated clock with the same two methods and `realtime = False`
+
+    def connect(self) -> None: ...
+    def read(self) -> Observation: ...
+    def command(self, cmd: JointCommand) -> None: ...
+    def stop(self) -> None: ...
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------- action spaces
+class ActionSpace:
+    """How a policy's action vector maps to targets. `ee_target` returns an end-effector target
+    (position, orientation or None) for Cartesian spaces, `joint_target` the joints for joint space."""
+
+    name = ""
+    dim = 0
+    cartesian = True
+
+    def split(self, action: np.ndarray, obs: Observation) -> tuple[np.ndarray, np.ndarray | None, float]:
+        raise NotImplementedError
+
+    def hold_action(self, obs: Observation, cmd: JointCommand) -> np.ndarray:
+        """The action that means 'stay where the held command is', recorded on held steps."""
+        raise NotImplementedError
+
+
+class JointPositionSpace(ActionSpace):
+    """[q1..q7, gripper width]"""
+
+    name, dim, cartesian = "joint_pos", 8, False
+
+    def split(self, action, obs):  # noqa: ANN001, ANN201
+        return action[:7], None, float(action[7])
+
+    def hold_action(self, obs, cmd):  # noqa: ANN001, ANN201
+        return np.concatenate([cmd.q, [cmd.gripper]]).astype(np.float32)
+
+
+class EEDeltaSpace(ActionSpace):
+    """[dx, dy, dz, gripper width]: a position step from the measured end effector, metres; the
+    orientation is held at `orientation` (gripper pointing down)."""
+
+    name, dim = "ee_delta", 4
+
+    def __init__(self, orientation: np.ndarray | None = None) -> None:
+        from protege.hardware.panda import DOWN_QUAT
+
+        self.quat = DOWN_QUAT if orientation is None else np.asarray(orientation, float)
+
+    def split(self, action, obs):  # noqa: ANN001, ANN201
+        return obs.ee_pos + action[:3], self.quat, float(action[3])
+
+    def hold_action(self, obs, cmd):  # noqa: ANN001, ANN201
+        return np.array([0.0, 0.0, 0.0, cmd.gripper], np.float32)
+
+
+class EEPoseSpace(ActionSpace):
+    """[x, y, z, gripper] (orientation held down) or [x, y, z, qw, qx, qy, qz, gripper]: absolute pose."""
+
+    name = "ee_pose"
+
+    def __init__(self, with_orientation: bool = False) -> None:
+        from protege.hardware.panda import DOWN_QUAT
+
+        self.with_orientation, self.dim, self.quat = with_orientation, 8 if with_orientation else 4, DOWN_QUAT
+
+    def split(self, action, obs):  # noqa: ANN001, ANN201
+        if self.with_orientation:
+            q = action[3:7] / max(np.linalg.norm(action[3:7]), 1e-9)
+            return action[:3].astype(float), q, float(action[7])
+        return action[:3].astype(float), self.quat, float(action[3])
+
+    def hold_action(self, obs, cmd):  # noqa: ANN001, ANN201
+        pos = obs.ee_pos
+        rest = [*obs.ee_quat] if self.with_orientation else []
+        return np.array([*pos, *rest, cmd.gripper], np.float32)
+
+
+def make_action_space(name: str) -> ActionSpace:
+    spaces = {"joint_pos": JointPositionSpace, "ee_delta": EEDeltaSpace, "ee_pose": EEPoseSpace,
+              "ee_pose_quat": lambda: EEPoseSpace(with_orientation=True)}
+    if name not in spaces:
+        raise ConfigError(f"unknown action space {name!r}; expected one of {sorted(spaces)}")
+    return spaces[name]()
+
+
+# ------------------------------------------------------------------------------------------------ safety
+class SafetyLayer:
+    """Enforces `Limits` on every command; counts (and logs) every intervention by kind."""
+
+    def __init__(self, limits: Limits, dt: float) -> None:
+        self.limits, self.dt = limits, float(dt)
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.reset()
+
+    def reset(self) -> None:
+        self.prev_q: np.ndarray | None = None  # last commanded joint targets
+        self.prev_dq: np.ndarray | None = None  # last commanded joint step
+        self.last_gripper: float | None = None  # last commanded gripper width
+
+    def intervene(self, kind: str, detail: str) -> None:
+        self.counts[kind] += 1
+        n = self.counts[kind]
+        if n <= 3 or n % 100 == 0:  # log the first few of each kind, then every 100th
+            log.warning("safety: %s (#%d): %s", kind, n, detail)
+
+    def finite(self, action: np.ndarray) -> bool:
+        if np.isfinite(action).all():
+            return True
+        self.intervene("non_finite_action", f"action {np.array2string(action, precision=3)} rejected, holding")
+        return False
+
+    def clip_ee(self, target: np.ndarray, current: np.ndarray) -> np.ndarray:
+        L = self.limits
+        clipped = np.clip(target, L.workspace_lower, L.workspace_upper)
+        if not np.allclose(clipped, target):
+            self.intervene("workspace", f"end-effector target {target.round(3)} clipped to the box -> {clipped.round(3)}")
+        step = clipped - current
+        n = np.linalg.norm(step)
+        if n > L.max_ee_step + 1e-9:
+            self.intervene("max_ee_step", f"end-effector step {n:.3f} m > {L.max_ee_step} m, scaled down")
+            clipped = current + step * (L.max_ee_step / n)
+        return clipped
+
+    def in_workspace(self, ee_pos: np.ndarray) -> bool:
+        L = self.limits
+        if np.all(ee_pos >= L.workspace_lower - 1e-6) and np.all(ee_pos <= L.workspace_upper + 1e-6):
+            return True
+        self.intervene("workspace", f"joint target puts the end effector at {ee_pos.round(3)}, outside the box; holding")
+        return False
+
+    def clip_joints(self, q: np.ndarray, q_measured: np.ndarray) -> np.ndarray:
+        L = self.limits
+        out = np.clip(q, L.joint_lower, L.joint_upper)
+        if not np.allclose(out, q):
+            self.intervene("joint_limit", f"joint target beyond the limits by up to {np.abs(out - q).max():.3f} rad, clipped")
+        ref = q_measured if self.prev_q is None else self.prev_q
+        dq = out - ref
+        max_step = np.minimum(L.max_joint_step, L.joint_vel * self.dt)
+        if np.any(np.abs(dq) > max_step + 1e-9):
+            kind = "max_joint_step" if np.any(np.abs(dq) > L.max_joint_step + 1e-9) else "joint_velocity"
+            self.intervene(kind, f"joint step up to {np.abs(dq).max():.3f} rad in {self.dt * 1e3:.0f} ms, limited")
+            dq = np.clip(dq, -max_step, max_step)
+        if self.prev_dq is not None:
+            max_ddq = L.joint_acc * self.dt**2
+            ddq = dq - self.prev_dq
+            if np.any(np.abs(ddq) > max_ddq + 1e-9):
+                self.intervene("joint_acceleration", f"joint acceleration up to {np.abs(ddq / self.dt**2).max():.1f} rad/s^2, limited")
+                dq = self.prev_dq + np.clip(ddq, -max_ddq, max_ddq)
+        out = np.clip(ref + dq, L.joint_lower, L.joint_upper)
+        self.prev_q, self.prev_dq = out, out - ref
+        return out
+
+    def clip_gripper(self, width: float) -> float:
+        L = self.limits
+        out = float(np.clip(width, L.gripper_min, L.gripper_max))
+        if out != width:
+            self.intervene("gripper_limit", f"gripper width {width:.4f} m outside [{L.gripper_min}, {L.gripper_max}], clipped")
+        return out
+
+    def hold(self, obs: Observation) -> JointCommand:
+        """Hold: the last commanded joints (or the measured ones before any command); joint motion stops."""
+        q = obs.joint_pos.copy() if self.prev_q is None else self.prev_q.copy()
+        self.prev_dq = np.zeros_like(q)
+        return JointCommand(q=q, gripper=float(obs.gripper[0]) if self.last_gripper is None else self.last_gripper)
+
+
+class Controller:
+    """Policy action -> safe `JointCommand`: action space, IK, safety. One per robot (or env)."""
+
+    def __init__(self, kinematics: object, action_space: ActionSpace, safety: SafetyLayer) -> None:
+        self.kin, self.space, self.safety = kinematics, action_space, safety
+
+    def reset(self) -> None:
+        self.safety.reset()
+
+    def hold(self, obs: Observation) -> JointCommand:
+        return self.safety.hold(obs)
+
+    def __call__(self, action: np.ndarray, obs: Observation) -> tuple[JointCommand, bool]:
+        """Returns the command and whether it carries the action (False: the action was rejected, hold)."""
+        action = np.asarray(action, np.float64).reshape(-1)
+        if action.shape != (self.space.dim,):
+            raise ConfigError(f"action space {self.space.name!r}: expected actions of size {self.space.dim}, "
+                              f"the policy produced {action.shape[0]}")
+        s = self.safety
+        if not s.finite(action):
+            return self.hold(obs), False
+        target, quat, grip = self.space.split(action, obs)
+        if self.space.cartesian:
+            target = s.clip_ee(target, obs.ee_pos)
+            q_init = obs.joint_pos if s.prev_q is None else s.prev_q
+            q = self.kin.ik(target, quat, q_init)
+        else:
+            q = np.asarray(target, float)
+            if not s.in_workspace(self.kin.fk(np.clip(q, s.limits.joint_lower, s.limits.joint_upper))[0]):
+                return self.hold(obs), False
+        q = s.clip_joints(q, obs.joint_pos)
+        s.last_gripper = s.clip_gripper(grip)
+        return JointCommand(q=q, gripper=s.last_gripper), True
+
+
+# ----------------------------------------------------------------------------------- watchdog and e-stop
+class Watchdog:
+    """`feed()` on every fresh action. `state(now)`: 'ok'; 'hold' once the last action is older than
+    one period (the robot keeps its last command); 'expired' after `timeout` s without one (stop)."""
+
+    def __init__(self, period: float, timeout: float) -> None:
+        if timeout <= 0:
+            raise ConfigError(f"watchdog timeout must be > 0 s, got {timeout}")
+        self.period, self.timeout = period, timeout
+        self.last: float | None = None
+
+    def feed(self, now: float) -> None:
+        self.last = now
+
+    def state(self, now: float) -> str:
+        if self.last is None:
+            self.last = now
+        age = now - self.last
+        return "expired" if age > self.timeout else "hold" if age > 0.5 * self.period else "ok"
+
+
+class EStop:
+    """Emergency stop: `trigger(reason)` from anywhere (another thread, a signal handler, a UI).
+    While `signals()` is active, SIGINT and SIGTERM trigger it; a second SIGINT raises KeyboardInterrupt.
+    The runner polls `triggered` every tick and always ends in `robot.stop()`."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason: str | None = None
+
+    def trigger(self, reason: str = "programmatic e-stop") -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+            log.warning("e-stop: %s", reason)
+
+    @property
+    def triggered(self) -> bool:
+        return self._event.is_set()
+
+    def clear(self) -> None:
+        self._event.clear()
+        self.reason = None
+
+    @contextmanager
+    def signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            name = signal.Signals(signum).name
+            if self.triggered and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.trigger(name)
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------------------- observations
+def policy_observation(obs: Observation, state_keys: list[str], cameras: list[str]) -> dict[str, np.ndarray] | None:
+    """The policy's view of a robot observation: {'state': concat(state_keys), <cam>: image}, the
+    same layout the gymnasium env returns. None when a camera frame is missing."""
+    out = {"state": np.concatenate([obs.get(k).reshape(-1) for k in state_keys]).astype(np.float32)}
+    for cam in cameras:
+        img = obs.images.get(cam)
+        if img is None:
+            return None
+        out[cam] = img
+    return out

@@ -1,0 +1,184 @@
+"""MuJoCo Franka backend: the Kitchen Panda on a table with a cube and a goal marker (`panda.py`).
+
+Time: with `realtime=True` simulated time tracks the monotonic wall clock: every `read()` first
+steps the physics until sim time catches up with wall time since `connect()` (the command in force
+is held meanwhile, as on a position-controlled arm). There is no physics thread: a 500 Hz Python
+loop would share the GIL with the runner and the inference thread and add jitter to both. With
+`realtime=False` (as fast as possible) `clock` is a simulated clock whose `sleep_until(t)` steps the
+physics to t at once; the gymnasium tasks and the runner's fast mode use that.
+
+Actuation: `position` uses the model's joint position servos (kp 870/120 with joint damping);
+`impedance` switches them off and applies joint-space PD torques `K (q_d - q) - D qdot` each physics
+step (gravity is compensated by the model, as on the real arm).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from protege.errors import ConfigError
+from protege.hardware.base import JointCommand, Limits, MonotonicClock, Observation, RobotError
+from protege.hardware.panda import ARM_JOINTS, FINGER_JOINTS, HOME_Q, EE_SITE, GRIPPER_MAX, PandaKinematics, load_model
+
+IMPEDANCE_K = np.array([600.0, 600.0, 600.0, 600.0, 250.0, 150.0, 50.0])
+IMPEDANCE_D = np.array([20.0, 20.0, 20.0, 20.0, 5.0, 3.0, 1.0])  # the joints also have passive damping
+
+
+class SimClock:
+    """Simulated time for as-fast-as-possible runs: sleeping advances the physics."""
+
+    realtime = False
+
+    def __init__(self, robot: MujocoRobot) -> None:
+        self.robot = robot
+
+    def now(self) -> float:
+        return self.robot.sim_time
+
+    def sleep_until(self, t: float) -> None:
+        self.robot.advance_to(t)
+
+
+class MujocoRobot:
+    def __init__(
+        self,
+        name: str = "mujoco",
+        realtime: bool = True,
+        control: str = "position",
+        cameras: tuple[str, ...] | list[str] = (),
+        image_size: int = 96,
+        timestep: float = 0.002,
+        limits: dict[str, Any] | None = None,
+    ) -> None:
+        if control not in ("position", "impedance"):
+            raise ConfigError(f"mujoco robot: control must be 'position' or 'impedance', got {control!r}")
+        self.name, self.realtime, self.control = name, realtime, control
+        self.cameras, self.image_size, self.timestep = tuple(cameras), int(image_size), float(timestep)
+        self.model = load_model(self.cameras, self.image_size, self.timestep)
+        self.kinematics = PandaKinematics(load_model())  # its own model copy: IK never touches the sim state
+        self.limits = Limits.panda(self.kinematics.lower, self.kinematics.upper, **(limits or {}))
+        self.clock: Any = MonotonicClock() if realtime else SimClock(self)
+        self.data: Any = None
+        self._renderer: Any = None
+        m = self.model
+        self.qadr = np.array([m.joint(j).qposadr[0] for j in ARM_JOINTS])
+        self.dofadr = np.array([m.joint(j).dofadr[0] for j in ARM_JOINTS])
+        self.finger_qadr = np.array([m.joint(j).qposadr[0] for j in FINGER_JOINTS])
+        self.site = m.site(EE_SITE).id
+        self.cube_qadr = m.joint("cube").qposadr[0]
+        self.cube_dofadr = m.joint("cube").dofadr[0]
+        self.goal_mocap = m.body("goal").mocapid[0]
+        if control == "impedance":
+            m.actuator_gainprm[:7, 0] = 0.0  # arm servos off; torques come from advance_to
+            m.actuator_biasprm[:7, :3] = 0.0
+        self.stopped = False
+        self.n_physics_steps = 0
+
+    # -------------------------------------------------------------------------------- protocol
+    def connect(self) -> None:
+        import mujoco
+
+        self.data = mujoco.MjData(self.model)
+        self.reset_scene(HOME_Q)
+        self.stopped = False
+
+    def reset_scene(self, q: np.ndarray = HOME_Q, cube_pos: np.ndarray | None = None,
+                    goal_pos: np.ndarray | None = None, gripper: float = GRIPPER_MAX) -> None:
+        """Put the arm at `q` at rest, the cube and goal where given; restart sim time (and its wall anchor)."""
+        import mujoco
+
+        d = self._require()
+        mujoco.mj_resetData(self.model, d)
+        d.qpos[self.qadr] = q
+        d.qpos[self.finger_qadr] = gripper / 2
+        if cube_pos is not None:
+            d.qpos[self.cube_qadr : self.cube_qadr + 3] = cube_pos
+            d.qpos[self.cube_qadr + 3 : self.cube_qadr + 7] = [1, 0, 0, 0]
+        if goal_pos is not None:
+            d.mocap_pos[self.goal_mocap] = goal_pos
+        self._cmd = JointCommand(q=np.asarray(q, float).copy(), gripper=gripper)
+        self._apply(self._cmd)
+        mujoco.mj_forward(self.model, d)
+        self.t0 = time.monotonic()
+        self.n_physics_steps = 0
+
+    @property
+    def sim_time(self) -> float:
+        return self.n_physics_steps * self.timestep
+
+    def read(self) -> Observation:
+        d = self._require()
+        if self.realtime:
+            self.advance_to(time.monotonic() - self.t0)
+        quat = np.empty(4)
+        import mujoco
+
+        mujoco.mju_mat2Quat(quat, d.site_xmat[self.site])
+        images = {c: self.render(c) for c in self.cameras}
+        cube = d.qpos[self.cube_qadr : self.cube_qadr + 3].copy()
+        return Observation(
+            t=self.sim_time,
+            joint_pos=d.qpos[self.qadr].copy(),
+            joint_vel=d.qvel[self.dofadr].copy(),
+            ee_pos=d.site_xpos[self.site].copy(),
+            ee_quat=quat,
+            gripper=np.array([d.qpos[self.finger_qadr].sum()]),
+            images=images,
+            extra={"cube_pos": cube, "goal_pos": d.mocap_pos[self.goal_mocap].copy()},
+        )
+
+    def command(self, cmd: JointCommand) -> None:
+        self._require()
+        if self.stopped:
+            raise RobotError(f"{self.name}: command after stop(); reconnect first")
+        self._cmd = JointCommand(q=np.asarray(cmd.q, float).copy(), gripper=float(cmd.gripper))
+        self._apply(self._cmd)
+
+    def stop(self) -> None:
+        """Hold the current measured position and refuse further commands until `connect()`."""
+        if self.data is None:
+            return
+        self._cmd = JointCommand(q=self.data.qpos[self.qadr].copy(), gripper=float(self.data.qpos[self.finger_qadr].sum()))
+        self._apply(self._cmd)
+        self.stopped = True
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+    # ------------------------------------------------------------------------------- simulation
+    def advance_to(self, t: float) -> None:
+        """Step the physics until sim time reaches `t` (holding the command in force)."""
+        import mujoco
+
+        d = self._require()
+        n = int(np.floor(t / self.timestep + 1e-9)) - self.n_physics_steps
+        for _ in range(max(0, n)):
+            if self.control == "impedance":
+                q, qd = d.qpos[self.qadr], d.qvel[self.dofadr]
+                d.qfrc_applied[self.dofadr] = IMPEDANCE_K * (self._cmd.q - q) - IMPEDANCE_D * qd
+            mujoco.mj_step(self.model, d)
+        self.n_physics_steps += max(0, n)
+
+    def render(self, camera: str) -> np.ndarray:
+        import mujoco
+
+        if self._renderer is None:
+            self._renderer = mujoco.Renderer(self.model, self.image_size, self.image_size)
+            for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION, mujoco.mjtRndFlag.mjRND_SKYBOX):
+                self._renderer.scene.flags[flag] = 0
+        self._renderer.update_scene(self.data, camera=camera)
+        return self._renderer.render().copy()
+
+    def _apply(self, cmd: JointCommand) -> None:
+        self.data.ctrl[:7] = cmd.q
+        self.data.ctrl[7:9] = cmd.gripper / 2
+
+    def _require(self) -> Any:
+        if self.data is None:
+            raise RobotError(f"{self.name}: not connected (call connect() first)")
+        return self.data
