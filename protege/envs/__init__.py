@@ -35,10 +35,24 @@ def _metaworld(**kwargs: Any) -> gym.Env:
     return MetaWorldEnv(**kwargs)
 
 
+def _pointmass_lang(**kwargs: Any) -> gym.Env:
+    from protege.envs.pointmass_lang import LanguagePointMassEnv
+
+    return LanguagePointMassEnv(**kwargs)
+
+
+def _metaworld_mt(**kwargs: Any) -> gym.Env:
+    from protege.envs.metaworld_mt import MetaWorldMultiTaskEnv
+
+    return MetaWorldMultiTaskEnv(**kwargs)
+
+
 ENVS: dict[str, Callable[..., gym.Env]] = {
     "pointmass": _pointmass(False),
     "pointmass_bimodal": _pointmass(True),
     "metaworld": _metaworld,
+    "pointmass_lang": _pointmass_lang,
+    "metaworld_mt": _metaworld_mt,
 }
 
 
@@ -49,6 +63,14 @@ def make_env(env_id: str, **kwargs: Any) -> gym.Env:
 
 
 def make_expert(env_id: str, env: gym.Env, seed: int | None = None) -> Expert:
+    if env_id == "pointmass_lang":
+        from protege.envs.pointmass_lang import LanguagePointMassExpert
+
+        return LanguagePointMassExpert(env, seed)
+    if env_id == "metaworld_mt":
+        from protege.envs.metaworld_mt import MetaWorldMultiTaskExpert
+
+        return MetaWorldMultiTaskExpert(env, seed)
     if env_id.startswith("pointmass"):
         from protege.envs.pointmass import PointMassExpert
 

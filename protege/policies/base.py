@@ -23,7 +23,8 @@ from protege.datasets.normalizer import Normalizer
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# shape_meta: {key: {"shape": [...], "kind": "state"|"action"|"image"|...}}, from the replay buffer.
+# shape_meta: {key: {"shape": [...], "kind": "state"|"action"|"image"|...}}, from the replay buffer;
+# a "language" key (`task`, int indices) also carries "tasks": the instruction strings of attrs["tasks"].
 ShapeMeta = Mapping[str, Mapping[str, Any]]
 
 
@@ -32,6 +33,8 @@ def shape_meta_from_buffer(buffer: Any, obs_keys: list[str], action_key: str = "
     for key in [*obs_keys, action_key]:
         arr = buffer[key]
         meta[key] = {"shape": list(arr.shape[1:]), "kind": buffer.kinds.get(key, "state")}
+        if meta[key]["kind"] == "language":  # the strings its int indices name (LeRobot's convention)
+            meta[key]["tasks"] = [str(t) for t in buffer.attrs.get("tasks", [])]
     meta[action_key]["kind"] = "action"
     return meta
 
