@@ -86,8 +86,14 @@ class Policy(nn.Module):
     # helpers -----------------------------------------------------------------
     def low_dim_obs(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Normalised state observations of the window, flattened: (B, n_obs_steps * D)."""
-        parts = [self.normalizer.normalize(k, obs[k][:, : self.n_obs_steps].float()) for k in self.obs_keys]
+        parts = [self._task_one_hot(k, obs[k][:, : self.n_obs_steps]) if self.shape_meta[k]["kind"] == "language"
+                 else self.normalizer.normalize(k, obs[k][:, : self.n_obs_steps].float()) for k in self.obs_keys]
         return torch.cat([p.flatten(2) for p in parts], dim=-1).flatten(1)
+
+    def _task_one_hot(self, key: str, idx: torch.Tensor) -> torch.Tensor:
+        """A language key (task index) as a one-hot over its instructions: multi-task conditioning for
+        policies that do not read text."""
+        return torch.nn.functional.one_hot(idx.long(), max(1, len(self.shape_meta[key].get("tasks", [])))).float()
 
     @property
     def obs_feature_dim(self) -> int:
@@ -96,6 +102,9 @@ class Policy(nn.Module):
         for k in self.obs_keys:
             if self.shape_meta[k]["kind"] == "image":
                 raise ValueError(f"{type(self).__name__} takes state observations only; {k!r} is an image key")
+            if self.shape_meta[k]["kind"] == "language":
+                dims.append(max(1, len(self.shape_meta[k].get("tasks", []))))
+                continue
             dims.append(int(torch.Size(self.shape_meta[k]["shape"]).numel()))
         return sum(dims)
 

@@ -8,7 +8,7 @@ No pretrained VLM weights can be downloaded on this machine: `--vlm` defaults to
 SmolVLM-architecture folder built by scripts/make_tiny_vlm.py, trained through the exact code path
 that loads real weights (point `--vlm` at a downloaded SmolVLM folder to run the real comparison).
 Both policies see the 39-D state and the task; the VLA reads the task as its instruction string,
-Diffusion Policy as the raw task index in its observation. Each method trains in its own process
+Diffusion Policy as a one-hot task id in its observation. Each method trains in its own process
 (peak RSS is per method); results go to `<out>/results.json`; the last line is key=value figures.
 """
 
