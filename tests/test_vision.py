@@ -65,7 +65,7 @@ def test_image_diffusion_policy_one_encoder_per_camera_gets_gradient():
     policy = DiffusionPolicy(meta, n_obs_steps=2, horizon=8, n_action_steps=4, down_dims=[32, 64], step_embed_dim=32,
                              image={"out_dim": 16, "num_kp": 8, "crop_ratio": 0.9})
     policy.normalizer.fit({"obs/state": np.random.randn(10, 3), "action": np.random.randn(10, 2)})
-    assert set(policy.obs_encoder.cameras) == {"obs/a", "obs/b"} and policy.obs_encoder.dim == 3 + 16 + 16
+    assert set(policy.obs_encoder.cameras) == {"obs/a", "obs/b"} and policy.obs_encoder.dim == 16 + 16 and policy.state_feature_dim == 3
     obs = {"obs/state": torch.randn(4, 2, 3), "obs/a": torch.randint(0, 256, (4, 2, 64, 64, 3), dtype=torch.uint8),
            "obs/b": torch.randint(0, 256, (4, 2, 64, 96, 3), dtype=torch.uint8)}
     policy.compute_loss({**obs, "action": torch.randn(4, 8, 2)})["loss"].backward()

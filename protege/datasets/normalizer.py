@@ -3,6 +3,8 @@
 `normalize(key, x) = x * scale + offset`. Modes:
 - `minmax`: data range -> [-1, 1] (the Diffusion Policy convention for actions and low-dim obs);
 - `gaussian`: zero mean, unit variance;
+- `quantile`: 1st..99th percentile -> [-1, 1], clipped (OpenVLA's action normalisation: a few outlier
+  actions do not squash the rest of the range);
 - `identity`: unchanged (images are scaled by their encoder instead).
 Constant dimensions get scale 1 so they are centred, never divided by ~0.
 """
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-MODES = ("minmax", "gaussian", "identity")
+MODES = ("minmax", "gaussian", "quantile", "identity")
+QUANTILES = (0.01, 0.99)
 _EPS = 1e-4
 
 
@@ -44,14 +47,17 @@ class Normalizer(nn.Module):
                 continue
             x = np.asarray(data[key], dtype=np.float64).reshape(-1, *st.scale.shape)
             lo, hi, mean, std = x.min(0), x.max(0), x.mean(0), x.std(0)
-            if st.mode == "minmax":
+            if st.mode in ("minmax", "quantile"):
+                if st.mode == "quantile":
+                    lo, hi = np.quantile(x, QUANTILES[0], axis=0), np.quantile(x, QUANTILES[1], axis=0)
                 rng = hi - lo
                 scale = np.where(rng > _EPS, 2.0 / np.maximum(rng, _EPS), 1.0)
                 offset = np.where(rng > _EPS, -1.0 - scale * lo, -(hi + lo) / 2)
             else:
                 scale = 1.0 / np.maximum(std, _EPS)
                 offset = -mean * scale
-            for name, val in dict(scale=scale, offset=offset, min=lo, max=hi, mean=mean, std=std).items():
+            # min/max stay the data range in every mode; quantile mode's bounds live in scale/offset
+            for name, val in dict(scale=scale, offset=offset, min=x.min(0), max=x.max(0), mean=mean, std=std).items():
                 getattr(st, name).copy_(torch.as_tensor(val, dtype=torch.float32))
             st.fitted.fill_(True)
         return self
@@ -64,6 +70,8 @@ class Normalizer(nn.Module):
 
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         st = self._get(key)
+        if st.mode == "quantile":
+            return (x * st.scale + st.offset).clamp(-1.0, 1.0)
         return x if st.mode == "identity" else x * st.scale + st.offset
 
     def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:

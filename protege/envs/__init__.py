@@ -50,6 +50,18 @@ def _franka(**kwargs: Any) -> gym.Env:
     return FrankaEnv(**kwargs)
 
 
+def _pointmass_lang(**kwargs: Any) -> gym.Env:
+    from protege.envs.pointmass_lang import LanguagePointMassEnv
+
+    return LanguagePointMassEnv(**kwargs)
+
+
+def _metaworld_mt(**kwargs: Any) -> gym.Env:
+    from protege.envs.metaworld_mt import MetaWorldMultiTaskEnv
+
+    return MetaWorldMultiTaskEnv(**kwargs)
+
+
 ENVS: dict[str, Callable[..., gym.Env]] = {
     "franka": _franka,
     "pointmass": _pointmass(False),
@@ -57,6 +69,8 @@ ENVS: dict[str, Callable[..., gym.Env]] = {
     "metaworld": _metaworld,
     "aloha_transfer_cube": _aloha("transfer_cube"),
     "aloha_insertion": _aloha("insertion"),
+    "pointmass_lang": _pointmass_lang,
+    "metaworld_mt": _metaworld_mt,
 }
 
 
@@ -67,6 +81,14 @@ def make_env(env_id: str, **kwargs: Any) -> gym.Env:
 
 
 def make_expert(env_id: str, env: gym.Env, seed: int | None = None) -> Expert:
+    if env_id == "pointmass_lang":
+        from protege.envs.pointmass_lang import LanguagePointMassExpert
+
+        return LanguagePointMassExpert(env, seed)
+    if env_id == "metaworld_mt":
+        from protege.envs.metaworld_mt import MetaWorldMultiTaskExpert
+
+        return MetaWorldMultiTaskExpert(env, seed)
     if env_id.startswith("pointmass"):
         from protege.envs.pointmass import PointMassExpert
 

@@ -14,17 +14,23 @@ from protege.envs import make_env, make_expert
 from protege.errors import ProtegeError
 
 
+def buffer_key(obs_name: str) -> str:
+    """Env observation name -> buffer key: `task` (a language env's instruction index into its
+    `tasks` strings) is the buffer's top-level `task` key (kind language); the rest are `obs/<name>`."""
+    return "task" if obs_name == "task" else f"obs/{obs_name}"
+
+
 def run_expert_episode(env: Any, expert: Any, seed: int) -> tuple[dict[str, np.ndarray], bool]:
     """One episode of the expert; returns time-major arrays (`obs/<name>`, `action`) and success."""
     obs, _ = env.reset(seed=seed)
     expert.reset()
-    steps: dict[str, list[np.ndarray]] = {f"obs/{k}": [] for k in obs}
+    steps: dict[str, list[np.ndarray]] = {buffer_key(k): [] for k in obs}
     steps["action"] = []
     success = False
     while True:
         action = expert(obs)
         for k, v in obs.items():
-            steps[f"obs/{k}"].append(v)
+            steps[buffer_key(k)].append(v)
         steps["action"].append(action)
         obs, _, terminated, truncated, info = env.step(action)
         success = success or bool(info.get("success", False))
@@ -50,9 +56,13 @@ def collect(
     """
     env = make_env(env_id, **env_kwargs)
     expert = make_expert(env_id, env, seed=seed)
-    buf = ReplayBuffer.open_or_create(
-        str(out), fps=fps, attrs={"provenance": {"source": "scripted expert", "env_id": env_id, "env_kwargs": env_kwargs}}
-    )
+    attrs: dict[str, Any] = {"provenance": {"source": "scripted expert", "env_id": env_id, "env_kwargs": env_kwargs}}
+    tasks = list(getattr(env.unwrapped, "tasks", []))  # instruction strings of a language-conditioned env
+    if tasks:
+        attrs["tasks"] = tasks
+    buf = ReplayBuffer.open_or_create(str(out), fps=fps, attrs=attrs)
+    if tasks and list(buf.attrs.get("tasks", [])) != tasks:
+        raise ProtegeError(f"{out}: holds instructions {buf.attrs.get('tasks')}, the env {env_id} has {tasks}; use another out=")
     state = dict(buf.attrs.get("collect", {}))
     next_seed = int(state.get("next_seed", seed))
     if buf.n_episodes and "next_seed" not in state:

@@ -107,9 +107,8 @@ class ACTPolicy(Policy):
         self.chunk_size, self.kl_weight, self.use_vae, self.latent_dim = chunk_size, kl_weight, use_vae, latent_dim
         self.temporal_ensemble = temporal_ensemble
         self.backbone_lr = backbone_lr
-        self.state_keys = [k for k in self.obs_keys if self.shape_meta[k]["kind"] != "image"]
         self.image_keys = [k for k in self.obs_keys if self.shape_meta[k]["kind"] == "image"]
-        state_dim = sum(math.prod(self.shape_meta[k]["shape"]) for k in self.state_keys)
+        state_dim = self.state_feature_dim  # all non-image keys form one proprioception token
         D = hidden_dim
 
         def layers(n: int, cross: bool = False) -> nn.ModuleList:
@@ -140,9 +139,7 @@ class ACTPolicy(Policy):
 
     # ------------------------------------------------------------------ model
     def _proprio(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        if not self.state_keys:
-            return None
-        return torch.cat([self.normalizer.normalize(k, obs[k][:, 0].float()).flatten(1) for k in self.state_keys], -1)
+        return self.state_features(obs)[:, 0] if self.state_feature_dim else None
 
     def _posterior(self, proprio: torch.Tensor | None, actions: torch.Tensor, is_pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = actions.shape[0]

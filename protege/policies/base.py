@@ -23,7 +23,8 @@ from protege.datasets.normalizer import Normalizer
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# shape_meta: {key: {"shape": [...], "kind": "state"|"action"|"image"|...}}, from the replay buffer.
+# shape_meta: {key: {"shape": [...], "kind": "state"|"action"|"image"|...}}, from the replay buffer;
+# a "language" key (`task`, int indices) also carries "tasks": the instruction strings of attrs["tasks"].
 ShapeMeta = Mapping[str, Mapping[str, Any]]
 
 
@@ -32,6 +33,8 @@ def shape_meta_from_buffer(buffer: Any, obs_keys: list[str], action_key: str = "
     for key in [*obs_keys, action_key]:
         arr = buffer[key]
         meta[key] = {"shape": list(arr.shape[1:]), "kind": buffer.kinds.get(key, "state")}
+        if meta[key]["kind"] == "language":  # the strings its int indices name (LeRobot's convention)
+            meta[key]["tasks"] = [str(t) for t in buffer.attrs.get("tasks", [])]
     meta[action_key]["kind"] = "action"
     return meta
 
@@ -85,20 +88,41 @@ class Policy(nn.Module):
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
     # helpers -----------------------------------------------------------------
+    def state_features(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-step features of every non-image key of the window, (B, n_obs_steps, state_feature_dim):
+        normalised states, and language keys (task indices) as one-hots. Cameras go through an encoder."""
+        parts = [self._task_one_hot(k, obs[k][:, : self.n_obs_steps]) if self.shape_meta[k]["kind"] == "language"
+                 else self.normalizer.normalize(k, obs[k][:, : self.n_obs_steps].float()).flatten(2)
+                 for k in self.obs_keys if self.shape_meta[k]["kind"] != "image"]
+        if not parts:
+            B = next(iter(obs.values())).shape[0]
+            return torch.zeros(B, self.n_obs_steps, 0, device=self.device)
+        return torch.cat(parts, dim=-1)
+
     def low_dim_obs(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Normalised state observations of the window, flattened: (B, n_obs_steps * D)."""
-        parts = [self.normalizer.normalize(k, obs[k][:, : self.n_obs_steps].float()) for k in self.obs_keys]
-        return torch.cat([p.flatten(2) for p in parts], dim=-1).flatten(1)
+        """`state_features` flattened over the window, (B, n_obs_steps * D), for state-only policies."""
+        self.obs_feature_dim  # noqa: B018 - raises a clear error if the policy was given cameras
+        return self.state_features(obs).flatten(1)
+
+    def _task_one_hot(self, key: str, idx: torch.Tensor) -> torch.Tensor:
+        """A language key (task index) as a one-hot over its instructions: multi-task conditioning for
+        policies that do not read text."""
+        return torch.nn.functional.one_hot(idx.long(), max(1, len(self.shape_meta[key].get("tasks", [])))).float()
+
+    @property
+    def state_feature_dim(self) -> int:
+        """Per-step size of `state_features` (image keys excluded)."""
+        dims = [max(1, len(m.get("tasks", []))) if m["kind"] == "language" else int(torch.Size(m["shape"]).numel())
+                for m in (self.shape_meta[k] for k in self.obs_keys) if m["kind"] != "image"]
+        return sum(dims)
 
     @property
     def obs_feature_dim(self) -> int:
-        """Per-step feature size of `low_dim_obs` (state keys only; image policies override)."""
-        dims = []
+        """Per-step feature size of `low_dim_obs`, for policies without an image encoder."""
         for k in self.obs_keys:
             if self.shape_meta[k]["kind"] == "image":
                 raise ValueError(f"{type(self).__name__} takes state observations only; {k!r} is an image key")
-            dims.append(int(torch.Size(self.shape_meta[k]["shape"]).numel()))
-        return sum(dims)
+        return self.state_feature_dim
 
     def action_slice(self, actions: torch.Tensor) -> torch.Tensor:
         """The executable chunk of a predicted horizon: from the current step, n_action_steps long."""

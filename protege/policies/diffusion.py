@@ -49,7 +49,7 @@ class DiffusionPolicy(Policy):
         if inference_scheduler not in SCHEDULERS:
             raise ValueError(f"inference_scheduler={inference_scheduler!r}: expected one of {sorted(SCHEDULERS)}")
         self.unet = ConditionalUnet1D(
-            self.action_dim, self.obs_encoder.dim * n_obs_steps, down_dims, kernel_size, n_groups, step_embed_dim
+            self.action_dim, (self.state_feature_dim + self.obs_encoder.dim) * n_obs_steps, down_dims, kernel_size, n_groups, step_embed_dim
         )
         sched_kwargs = dict(
             num_train_timesteps=num_train_timesteps,
@@ -61,9 +61,16 @@ class DiffusionPolicy(Policy):
         self.inference_scheduler = SCHEDULERS[inference_scheduler](**sched_kwargs)
         self.num_inference_steps = num_inference_steps
 
+    def condition(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The U-Net's global condition: state and camera features of every observation step, flattened."""
+        feats = self.state_features(obs)
+        if self.obs_encoder.cameras:
+            feats = torch.cat([feats, self.obs_encoder(obs, self.n_obs_steps)], dim=-1)
+        return feats.flatten(1)
+
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         actions = self.normalizer.normalize(self.action_key, batch[self.action_key].float())
-        cond = self.obs_encoder(batch, self.normalizer, self.n_obs_steps).flatten(1)
+        cond = self.condition(batch)
         noise = torch.randn_like(actions)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (actions.shape[0],), device=actions.device)
         noisy = self.noise_scheduler.add_noise(actions, noise, t)
@@ -73,7 +80,7 @@ class DiffusionPolicy(Policy):
 
     @torch.no_grad()
     def predict_action(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        cond = self.obs_encoder(obs, self.normalizer, self.n_obs_steps).flatten(1)
+        cond = self.condition(obs)
         B = cond.shape[0]
         x = torch.randn(B, self.horizon, self.action_dim, device=cond.device, dtype=cond.dtype)
         sched = self.inference_scheduler

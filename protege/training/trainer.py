@@ -122,7 +122,9 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
     tcfg = cfg.train
     optimizer = torch.optim.AdamW(policy.optim_groups(tcfg.lr), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
     lr_scheduler = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=tcfg.steps)
-    ema = EMAModel(policy.parameters(), decay=tcfg.ema.max_decay, use_ema_warmup=True, power=tcfg.ema.power) if tcfg.ema.enabled else None
+    # EMA over trainable parameters only: a frozen (e.g. pretrained VLM) backbone is not copied
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    ema = EMAModel(trainable, decay=tcfg.ema.max_decay, use_ema_warmup=True, power=tcfg.ema.power) if tcfg.ema.enabled else None
     dtype = amp_dtype(tcfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     rng = np.random.default_rng([cfg.seed, rank])
@@ -161,7 +163,7 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
         if ema is None:
             return policy
         ema_policy = copy.deepcopy(policy)
-        ema.copy_to(ema_policy.parameters())
+        ema.copy_to([p for p in ema_policy.parameters() if p.requires_grad])
         return ema_policy
 
     def save(at_step: int, sampler_states: list[dict]) -> Path:
@@ -198,7 +200,7 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
         scaler.update()
         lr_scheduler.step()
         if ema is not None:
-            ema.step(policy.parameters())
+            ema.step(trainable)
         step += 1
         loss_value = loss.item()
         if not math.isfinite(loss_value):

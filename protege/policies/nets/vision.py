@@ -1,6 +1,6 @@
 """Image pipeline shared by image policies: uint8 frames -> augmented, ImageNet-normalised tensors ->
-ResNet-18 features; and `ObsEncoder`, which turns an observation window (state keys + cameras) into
-one feature vector per step.
+ResNet-18 features; and `ObsEncoder`, which turns the cameras of an observation window into one
+feature vector per step.
 
 - Frames arrive from the sampler / env as uint8 `(..., H, W, 3)`; conversion to float, the crop and
   the colour jitter run batched on the policy's device (no per-frame Python loop anywhere).
@@ -13,7 +13,6 @@ one feature vector per step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -158,24 +157,19 @@ class ImageEncoder(nn.Module):
 
 
 class ObsEncoder(nn.Module):
-    """Observation window -> per-step features `(B, To, D)`: normalised state keys, flattened, next to one
-    `ImageEncoder` per camera (separate weights per camera, as in the Diffusion Policy paper).
-
-    `normalizer` is the owning policy's (not registered here: the policy owns its state)."""
+    """The cameras of an observation window -> per-step features `(B, To, D)`: one `ImageEncoder` per
+    camera (separate weights per camera, as in the Diffusion Policy paper). State keys are the
+    policy's (`Policy.state_features`); `dim` counts the image features only."""
 
     def __init__(self, shape_meta: Mapping[str, Mapping], obs_keys: Sequence[str], image: Mapping | None = None) -> None:
         super().__init__()
-        self.state_keys = [k for k in obs_keys if shape_meta[k]["kind"] != "image"]
-        self.image_keys = [k for k in obs_keys if shape_meta[k]["kind"] == "image"]
-        self.state_dim = sum(math.prod(shape_meta[k]["shape"]) for k in self.state_keys)
         # nn.ModuleDict keys may not contain '.', but may contain '/': use the buffer key as is
-        self.cameras = nn.ModuleDict({k: ImageEncoder(**(image or {})) for k in self.image_keys})
-        self.dim = self.state_dim + sum(enc.out_dim for enc in self.cameras.values())
+        self.cameras = nn.ModuleDict({k: ImageEncoder(**(image or {})) for k in obs_keys if shape_meta[k]["kind"] == "image"})
+        self.dim = sum(enc.out_dim for enc in self.cameras.values())
 
-    def forward(self, obs: Mapping[str, torch.Tensor], normalizer: nn.Module, n_steps: int) -> torch.Tensor:
-        parts = [normalizer.normalize(k, obs[k][:, :n_steps].float()).flatten(2) for k in self.state_keys]
+    def forward(self, obs: Mapping[str, torch.Tensor], n_steps: int) -> torch.Tensor:
+        parts = []
         for k, enc in self.cameras.items():
             frames = obs[k][:, :n_steps]  # (B, To, H, W, 3) uint8
-            B = frames.shape[0]
-            parts.append(enc(frames.flatten(0, 1)).view(B, n_steps, -1))
+            parts.append(enc(frames.flatten(0, 1)).view(frames.shape[0], n_steps, -1))
         return torch.cat(parts, dim=-1)

@@ -1,0 +1,340 @@
+"""Vision-language-action policy: a Hugging Face VLM from a local folder + LoRA + an action head.
+
+Backbone: any transformers vision-language model (SmolVLM/Idefics3, PaliGemma, ... — anything
+`AutoModelForImageTextToText` loads) from `pretrained=<dir>`, with its processor/tokenizer from the
+same folder, local files only. Its language-model head is dropped: the policy reads hidden states.
+
+Input sequence (one VLM forward): [camera images + instruction] (the processor's own prompt format,
+left-padded) + [one proprioceptive-state token] (+ [horizon action queries] for `head=l1`).
+Heads (`head=`):
+- `l1` (OpenVLA-OFT): `horizon` learned action-query embeddings appended to the sequence; their final
+  hidden states are decoded to the whole chunk at once by an MLP (parallel decoding, one forward
+  pass, no autoregressive tokens), trained with L1. The queries attend causally among themselves
+  (the backbone's own mask); they carry no information of their own, so all of them see the full
+  prefix anyway.
+- `flow` (pi0 / SmolVLA): a small transformer "action expert" whose tokens are the noisy chunk
+  + flow time; it cross-attends to the VLM's final hidden states (computed once per chunk at
+  inference) and is trained with flow matching (x_t = t*noise + (1-t)*action, target noise - action,
+  t ~ Beta(1.5, 1)); inference integrates `num_inference_steps` Euler steps from noise.
+- `diffusion` (TinyVLA): our Diffusion Policy U-Net (nets/unet1d.py) conditioned on the pooled VLM
+  features + state, with diffusers' DDPM/DDIM schedulers as in policies/diffusion.py.
+
+Fine-tuning: LoRA (peft) on the backbone's linear layers (`lora_rank`, `lora_alpha`,
+`lora_target_modules`; `lora_rank=0` = full fine-tuning), the vision tower optionally frozen
+entirely (`freeze_vision`), gradient checkpointing (`gradient_checkpointing=auto`: on with CUDA);
+bf16 autocast comes from the trainer (`train.amp`). Actions use quantile (1st-99th percentile)
+normalisation by default, as OpenVLA.
+
+Language: the batch carries `task` (int index into the training buffer's `attrs["tasks"]`, saved
+in the checkpoint's shape_meta); at run time `obs["instruction"]` (a list of B strings) may give
+free text instead.
+
+Checkpoints: the policy's state_dict leaves out the frozen backbone weights (they are re-read from
+`pretrained`, which the checkpoint's config records), so a checkpoint holds adapters + heads +
+normaliser: small, but it needs the backbone folder to load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from protege.errors import ConfigError, DataError
+from protege.policies.base import Policy, ShapeMeta
+from protege.policies.bc import mlp
+from protege.policies.nets.unet1d import SinusoidalPosEmb
+
+HEADS = ("l1", "flow", "diffusion")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_backbone(pretrained: str | Path) -> tuple[nn.Module, Any, Any]:
+    """(full VLM, processor, config) from a local folder; a ConfigError says what the folder lacks."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(pretrained).expanduser()
+    where = f"policy.pretrained={pretrained}"
+    if not path.is_dir():
+        raise ConfigError(f"{where}: no such folder; download the VLM once (e.g. `hf download <repo> --local-dir <dir>`) "
+                          "and point policy.pretrained at it (or build a tiny one: scripts/make_tiny_vlm.py)")
+    files = {p.name for p in path.iterdir()}
+    for what, names in (("a model config", ("config.json",)), ("model weights", WEIGHT_FILES),
+                        ("a processor config (the VLM's image processor)", PROCESSOR_FILES), ("a tokenizer", TOKENIZER_FILES)):
+        if not files & set(names):
+            raise ConfigError(f"{where}: expected {what} ({' or '.join(names)}) in the folder, found {sorted(files)}")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise ConfigError(f"{where}: config.json does not load: {e}") from e
+    if getattr(config, "vision_config", None) is None:
+        raise ConfigError(f"{where}: config.json describes a {config.model_type!r} model without a vision tower "
+                          "(no vision_config); expected a vision-language model (SmolVLM/Idefics3, PaliGemma, Qwen2-VL, ...)")
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{where}: the processor does not load: {e}") from e
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise ConfigError(f"{where}: expected a multimodal processor (image processor + tokenizer), "
+                          f"AutoProcessor built a {type(processor).__name__}")
+    try:
+        vlm = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{where}: the model does not load as a vision-language model: {e}") from e
+    return vlm, processor, config
+
+
+class FlowExpert(nn.Module):
+    """pi0-style action expert: noisy chunk tokens (+ flow time) self-attend and cross-attend to the VLM features."""
+
+    def __init__(self, action_dim: int, horizon: int, cond_dim: int, dim: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.time_emb = SinusoidalPosEmb(dim)
+        self.action_in = nn.Linear(action_dim, dim)
+        self.mix = nn.Sequential(nn.Linear(2 * dim, dim), nn.SiLU(), nn.Linear(dim, dim))  # pi0's action-time MLP
+        self.pos = nn.Parameter(torch.randn(horizon, dim) * 0.02)
+        self.cond_in = nn.Linear(cond_dim, dim)
+        layer = nn.TransformerDecoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, layers)
+        self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, action_dim))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        """Velocity (B, H, A) for noisy actions `x` (B, H, A) at flow time `t` (B,) in [0, 1]."""
+        a = self.action_in(x)
+        temb = self.time_emb(t * 1000.0).to(a.dtype)[:, None].expand_as(a)
+        h = self.mix(torch.cat([a, temb], dim=-1)) + self.pos
+        h = self.decoder(h, self.cond_in(memory.to(a.dtype)), memory_key_padding_mask=~memory_mask.bool())
+        return self.out(h)
+
+
+def _drop_frozen(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    for k in module._external_keys:
+        state_dict.pop(prefix + k, None)
+
+
+def _allow_frozen_missing(module: nn.Module, incompatible: Any) -> None:
+    external = module._external_keys
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in external]
+
+
+class VLAPolicy(Policy):
+    def __init__(
+        self,
+        shape_meta: ShapeMeta,
+        pretrained: str,
+        head: str = "l1",
+        n_obs_steps: int = 1,
+        horizon: int = 8,
+        n_action_steps: int = 8,
+        lora_rank: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules: str | Sequence[str] = "all-linear",
+        freeze_vision: bool = True,
+        gradient_checkpointing: bool | str = "auto",
+        head_hidden_dim: int = 256,
+        expert_dim: int = 128,
+        expert_layers: int = 2,
+        expert_heads: int = 4,
+        num_inference_steps: int = 10,
+        diffusion_down_dims: Sequence[int] = (64, 128),
+        num_train_timesteps: int = 100,
+        normalization: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, {"action": "quantile", **(normalization or {})})
+        if head not in HEADS:
+            raise ConfigError(f"policy.head={head!r}: expected one of {HEADS}")
+        self.head_type, self.pretrained, self.num_inference_steps = head, str(pretrained), num_inference_steps
+        kinds = {k: self.shape_meta[k]["kind"] for k in self.obs_keys}
+        self.state_keys = [k for k, v in kinds.items() if v == "state"]
+        self.camera_keys = [k for k, v in kinds.items() if v == "image"]
+        lang = [k for k, v in kinds.items() if v == "language"]
+        if not lang:
+            raise ConfigError(f"policy vla is language-conditioned: expected a language key (`task`) in task.obs_keys, "
+                              f"found {self.obs_keys}")
+        self.language_key = lang[0]
+        self.tasks = list(self.shape_meta[self.language_key].get("tasks") or [])
+        if not self.tasks:
+            raise ConfigError(f"policy vla: the buffer's {self.language_key!r} key names no instructions "
+                              "(expected attrs['tasks']: a list of strings)")
+
+        vlm, self.processor, _ = load_backbone(pretrained)
+        self.processor.tokenizer.padding_side = "left"  # appended state/query tokens follow the prompt directly
+        self.backbone = vlm.base_model  # vision tower + projector + language model, without the LM head
+        dim = int(self.backbone.get_input_embeddings().embedding_dim)
+        # the vision side = every backbone parameter outside the language model (tower + projector)
+        lm_params = {id(p) for p in vlm.get_decoder().parameters()}
+        self._apply_finetuning(lm_params, lora_rank, lora_alpha, lora_dropout, lora_target_modules, freeze_vision)
+        if gradient_checkpointing == "auto":
+            gradient_checkpointing = torch.cuda.is_available()
+        if gradient_checkpointing:
+            vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        del vlm  # drops the LM head (the backbone is kept by self.backbone)
+
+        state_dim = sum(int(torch.Size(self.shape_meta[k]["shape"]).numel()) for k in self.state_keys) * n_obs_steps
+        self.state_proj = mlp(state_dim, [dim], dim) if state_dim else None
+        if head == "l1":
+            self.action_queries = nn.Parameter(torch.randn(horizon, dim) * 0.02)
+            self.action_head = mlp(dim, [head_hidden_dim, head_hidden_dim], self.action_dim)
+        elif head == "flow":
+            self.expert = FlowExpert(self.action_dim, horizon, dim, expert_dim, expert_layers, expert_heads)
+        else:
+            from diffusers import DDIMScheduler, DDPMScheduler
+
+            from protege.policies.nets.unet1d import ConditionalUnet1D
+
+            self.unet = ConditionalUnet1D(self.action_dim, dim + (dim if state_dim else 0), diffusion_down_dims, 5, 8, 128)
+            kw = dict(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=True)
+            self.noise_scheduler, self.inference_scheduler = DDPMScheduler(**kw), DDIMScheduler(**kw)
+
+        # frozen backbone weights come from `pretrained`, not from the checkpoint
+        self._external_keys = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if not p.requires_grad}
+        self._external_keys |= {f"backbone.{n}" for n, _ in self.backbone.named_buffers()}
+        self.register_state_dict_post_hook(_drop_frozen)
+        self.register_load_state_dict_post_hook(_allow_frozen_missing)
+
+    # ------------------------------------------------------------------ setup
+    def _apply_finetuning(self, lm_params: set[int], rank: int, alpha: int, dropout: float,
+                          targets: str | Sequence[str], freeze_vision: bool) -> None:
+        if rank <= 0:  # full fine-tuning (e.g. a small backbone trained from scratch)
+            for p in self.backbone.parameters():
+                p.requires_grad_(not (freeze_vision and id(p) not in lm_params))
+            return
+        from peft import LoraConfig, inject_adapter_in_model
+
+        linear = [n for n, m in self.backbone.named_modules() if isinstance(m, nn.Linear)]
+        if targets == "all-linear":
+            names = linear
+        else:
+            wanted = [targets] if isinstance(targets, str) else list(targets)
+            names = [n for n in linear if any(n == t or n.endswith("." + t) for t in wanted)]
+        if freeze_vision:
+            modules = dict(self.backbone.named_modules())
+            names = [n for n in names if id(modules[n].weight) in lm_params]
+        if not names:
+            raise ConfigError(f"policy.lora_target_modules={targets!r}: matches no linear layer of the backbone"
+                              f"{' outside the vision tower' if freeze_vision else ''} (e.g. {linear[:4]})")
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names)
+        inject_adapter_in_model(config, self.backbone)
+        for n, p in self.backbone.named_parameters():
+            p.requires_grad_("lora_" in n)
+
+    def trainable_parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters: backbone (LoRA adapters, or all when fully fine-tuned) vs heads, and the frozen rest."""
+        backbone = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
+        total_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"backbone": backbone, "head": total_trainable - backbone, "trainable": total_trainable, "frozen": frozen}
+
+    # ------------------------------------------------------------------ inputs
+    def instructions(self, obs: Mapping[str, Any]) -> list[str]:
+        """The B instruction strings of a batch: `obs["instruction"]` (free text) or `obs[task]` indices."""
+        if "instruction" in obs:
+            instr = obs["instruction"]
+            return [instr] if isinstance(instr, str) else [str(s) for s in instr]
+        if self.language_key not in obs:
+            raise DataError("batch", self.language_key, f"instructions: {self.language_key!r} (int indices into the buffer's "
+                            "attrs['tasks']) or 'instruction' (B strings)", f"keys {sorted(obs)}")
+        idx = torch.as_tensor(obs[self.language_key])
+        idx = (idx[:, self.n_obs_steps - 1] if idx.ndim > 1 else idx).long().cpu().tolist()
+        bad = [i for i in idx if not 0 <= i < len(self.tasks)]
+        if bad:
+            raise DataError("batch", self.language_key, f"indices into the {len(self.tasks)} training instructions", f"index {bad[0]}")
+        return [self.tasks[i] for i in idx]
+
+    def _prompt_inputs(self, obs: Mapping[str, Any], batch_size: int) -> dict[str, torch.Tensor]:
+        """Processor outputs (input_ids, attention_mask, pixel_values, ...) for images + instruction."""
+        instr = self.instructions(obs)
+        if len(instr) == 1 and batch_size > 1:
+            instr = instr * batch_size
+        if len(instr) != batch_size:
+            raise DataError("batch", "instruction", f"{batch_size} instructions (one per sample)", f"{len(instr)}")
+        if not self.camera_keys:
+            inputs = self.processor.tokenizer(instr, return_tensors="pt", padding=True)
+        else:
+            # the current step's frame of every camera, (B, C, H, W) uint8, through the VLM's own image processor
+            frames = [obs[k][:, self.n_obs_steps - 1].permute(0, 3, 1, 2).cpu() for k in self.camera_keys]
+            images = [[f[b] for f in frames] for b in range(batch_size)]
+            token = self.processor.image_token
+            inputs = self.processor(text=[token * len(frames) + s for s in instr], images=images, return_tensors="pt", padding=True)
+        inputs = dict(inputs)
+        inputs.pop("labels", None)  # PaliGemma's processor adds training labels for its LM head
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    def _features(self, obs: Mapping[str, Any], extra: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One backbone pass over [prompt, state token, extra tokens]: final hidden states (B, L, D) and mask (B, L)."""
+        B = next(v.shape[0] for k, v in obs.items() if k != "instruction")
+        inputs = self._prompt_inputs(obs, B)
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        tokens = [self.backbone.get_input_embeddings()(ids)]
+        if self.state_proj is not None:
+            state = torch.cat([self.normalizer.normalize(k, obs[k][:, : self.n_obs_steps].float()).flatten(1) for k in self.state_keys], -1)
+            tokens.append(self.state_proj(state.to(self.device))[:, None])
+        if extra is not None:
+            tokens.append(extra.expand(B, -1, -1))
+        embeds = torch.cat([t.to(tokens[0].dtype) for t in tokens], 1)
+        n_new = embeds.shape[1] - ids.shape[1]
+        mask = F.pad(mask, (0, n_new), value=1)
+        for k, v in list(inputs.items()):  # per-token extras (PaliGemma's token_type_ids): 0 = prefix
+            if v.shape == ids.shape:
+                inputs[k] = F.pad(v, (0, n_new), value=0)
+        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, **inputs)
+        return out.last_hidden_state, mask
+
+    def _pooled(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask[..., None].to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+    # ------------------------------------------------------------------ Policy
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        actions = self.normalizer.normalize(self.action_key, batch[self.action_key].float())
+        if self.head_type == "l1":
+            hidden, _ = self._features(batch, self.action_queries[None])
+            pred = self.action_head(hidden[:, -self.horizon :].float())
+            return {"loss": F.l1_loss(pred, actions)}
+        hidden, mask = self._features(batch, None)
+        noise = torch.randn_like(actions)
+        if self.head_type == "flow":
+            t = torch.distributions.Beta(1.5, 1.0).sample((actions.shape[0],)).to(actions.device) * 0.999 + 0.001
+            x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
+            v = self.expert(x_t, t, hidden, mask)
+            return {"loss": F.mse_loss(v.float(), noise - actions)}
+        cond = self._diffusion_cond(hidden, mask)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (actions.shape[0],), device=actions.device)
+        pred = self.unet(self.noise_scheduler.add_noise(actions, noise, t), t, cond)
+        return {"loss": F.mse_loss(pred.float(), noise)}
+
+    def _diffusion_cond(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pooled = self._pooled(hidden, mask).float()
+        # the state token is the last position: keep it separately so the pooled prompt does not drown it
+        return torch.cat([pooled, hidden[:, -1].float()], -1) if self.state_proj is not None else pooled
+
+    @torch.no_grad()
+    def predict_action(self, obs: Mapping[str, Any]) -> torch.Tensor:
+        obs = {k: (v if k == "instruction" else torch.as_tensor(v, device=self.device)) for k, v in obs.items()}
+        if self.head_type == "l1":
+            hidden, _ = self._features(obs, self.action_queries[None])
+            actions = self.action_head(hidden[:, -self.horizon :].float())
+        else:
+            hidden, mask = self._features(obs, None)
+            B = hidden.shape[0]
+            x = torch.randn(B, self.horizon, self.action_dim, device=hidden.device)
+            if self.head_type == "flow":
+                dt = 1.0 / self.num_inference_steps
+                for i in range(self.num_inference_steps):  # Euler from t=1 (noise) to t=0 (actions)
+                    t = torch.full((B,), 1.0 - i * dt, device=x.device)
+                    x = x - dt * self.expert(x, t, hidden, mask).float()
+            else:
+                cond = self._diffusion_cond(hidden, mask)
+                sched = self.inference_scheduler
+                sched.set_timesteps(self.num_inference_steps, device=x.device)
+                for t in sched.timesteps:
+                    x = sched.step(self.unet(x, t, cond), t, x).prev_sample
+            actions = x
+        return self.action_slice(self.normalizer.unnormalize(self.action_key, actions))
