@@ -46,7 +46,10 @@ class Policy(nn.Module):
         horizon: int,
         n_action_steps: int,
         normalization: Mapping[str, str] | None = None,
+        obs_encoder: Mapping[str, Any] | None = None,
     ) -> None:
+        """`obs_encoder`: put a learned per-step encoder φ (nets/encoder.py) in front of the head:
+        {hidden_dims, out_dim, conv_channels, checkpoint (init from a run, e.g. IDM pretraining), freeze}."""
         super().__init__()
         if not 1 <= n_action_steps <= horizon - n_obs_steps + 1:
             raise ValueError(
@@ -62,6 +65,11 @@ class Policy(nn.Module):
         self.normalizer = Normalizer(
             {k: (tuple(v["shape"]) if v["kind"] != "image" else (), modes[v["kind"]]) for k, v in self.shape_meta.items()}
         )
+        self.obs_encoder = None
+        if obs_encoder is not None:
+            from protege.policies.nets.encoder import build_obs_encoder
+
+            self.obs_encoder = build_obs_encoder(self.shape_meta, self.obs_keys, **obs_encoder)
 
     @property
     def device(self) -> torch.device:
@@ -82,13 +90,18 @@ class Policy(nn.Module):
 
     # helpers -----------------------------------------------------------------
     def low_dim_obs(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Normalised state observations of the window, flattened: (B, n_obs_steps * D)."""
+        """Normalised state observations of the window, flattened: (B, n_obs_steps * D); with an
+        `obs_encoder`, φ of each step instead."""
+        if self.obs_encoder is not None:
+            return self.obs_encoder.encode_window(obs, self.normalizer, self.n_obs_steps)
         parts = [self.normalizer.normalize(k, obs[k][:, : self.n_obs_steps].float()) for k in self.obs_keys]
         return torch.cat([p.flatten(2) for p in parts], dim=-1).flatten(1)
 
     @property
     def obs_feature_dim(self) -> int:
         """Per-step feature size of `low_dim_obs` (state keys only; image policies override)."""
+        if self.obs_encoder is not None:
+            return self.obs_encoder.out_dim
         dims = []
         for k in self.obs_keys:
             if self.shape_meta[k]["kind"] == "image":

@@ -11,6 +11,7 @@ mode of multimodal demonstrations.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,9 @@ class DiffusionPolicy(Policy):
         inference_scheduler: str = "ddim",
         num_inference_steps: int = 10,
         normalization: Mapping[str, str] | None = None,
+        obs_encoder: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, normalization)
+        super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, normalization, obs_encoder=obs_encoder)
         if inference_scheduler not in SCHEDULERS:
             raise ValueError(f"inference_scheduler={inference_scheduler!r}: expected one of {sorted(SCHEDULERS)}")
         self.unet = ConditionalUnet1D(
@@ -73,9 +75,7 @@ class DiffusionPolicy(Policy):
         x = torch.randn(B, self.horizon, self.action_dim, device=cond.device, dtype=cond.dtype)
         sched = self.inference_scheduler
         sched.set_timesteps(self.num_inference_steps, device=cond.device)
-        K = len(sched.timesteps)
-        # conditioning of all K denoising steps in one batched pass: (K*B, 2C) -> K lists of (B, 2C)
-        films = [f.view(K, B, -1) for f in self.unet.films(sched.timesteps.repeat_interleave(B), cond.repeat(K, 1))]
+        films = self.unet.films_per_step(sched.timesteps, cond)  # conditioning of all steps in one pass
         for k, t in enumerate(sched.timesteps):
-            x = sched.step(self.unet(x, t, cond, films=[f[k] for f in films]), t, x).prev_sample
+            x = sched.step(self.unet(x, t, cond, films=films[k]), t, x).prev_sample
         return self.action_slice(self.normalizer.unnormalize(self.action_key, x))
