@@ -27,7 +27,8 @@ commands:
   validate <buffer>                         read every value: layout, lengths, finite numbers
 
 tasks: pointmass, pointmass_bimodal, metaworld (push-v3), or any Meta-World v3 name (task=door-open-v3)
-policies: diffusion, diffusion_paper, bc
+policies: diffusion, diffusion_paper, bc, beso, idm_bc, idm_diffusion
+stages:   pretrain=idm (inverse-dynamics encoder pretraining; fine-tune with policy.obs_encoder.checkpoint=<run>)
 """
 
 
