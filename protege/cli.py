@@ -31,7 +31,8 @@ commands:
 tasks: pointmass, pointmass_bimodal, pointmass_image, metaworld (push-v3), or any Meta-World v3 name (task=door-open-v3),
        aloha_transfer_cube, aloha_insertion (bimanual, camera `top`; *_state: state-only),
        franka_reach, franka_push, franka_pick_place (MuJoCo Panda)
-policies: diffusion, diffusion_paper, diffusion_image, bc, act, act_small
+policies: diffusion, diffusion_paper, diffusion_image, bc, act, act_small, beso, idm_bc, idm_diffusion, vla
+stages:   pretrain=idm (inverse-dynamics encoder pretraining; fine-tune with policy.obs_encoder.checkpoint=<run>)
 """
 
 

@@ -65,12 +65,12 @@ def test_image_diffusion_policy_one_encoder_per_camera_gets_gradient():
     policy = DiffusionPolicy(meta, n_obs_steps=2, horizon=8, n_action_steps=4, down_dims=[32, 64], step_embed_dim=32,
                              image={"out_dim": 16, "num_kp": 8, "crop_ratio": 0.9})
     policy.normalizer.fit({"obs/state": np.random.randn(10, 3), "action": np.random.randn(10, 2)})
-    assert set(policy.obs_encoder.cameras) == {"obs/a", "obs/b"} and policy.obs_encoder.dim == 16 + 16 and policy.state_feature_dim == 3
+    assert set(policy.image_encoders.cameras) == {"obs/a", "obs/b"} and policy.image_encoders.dim == 16 + 16 and policy.state_feature_dim == 3
     obs = {"obs/state": torch.randn(4, 2, 3), "obs/a": torch.randint(0, 256, (4, 2, 64, 64, 3), dtype=torch.uint8),
            "obs/b": torch.randint(0, 256, (4, 2, 64, 96, 3), dtype=torch.uint8)}
     policy.compute_loss({**obs, "action": torch.randn(4, 8, 2)})["loss"].backward()
     for cam in ("obs/a", "obs/b"):
-        assert policy.obs_encoder.cameras[cam].trunk[0].weight.grad.abs().sum() > 0, cam
+        assert policy.image_encoders.cameras[cam].trunk[0].weight.grad.abs().sum() > 0, cam
     policy.eval()
     assert policy.predict_action(obs).shape == (4, 4, 2)
 
@@ -88,4 +88,4 @@ def test_image_policy_trains_checkpoints_and_evaluates(tmp_path):
     result = train(cfg, progress=False)
     assert result["eval"]["n_episodes"] == 2
     policy = load_policy(cfg.run_dir)
-    assert "obs/top" in policy.obs_encoder.cameras and policy.shape_meta["obs/top"]["shape"] == [32, 32, 3]
+    assert "obs/top" in policy.image_encoders.cameras and policy.shape_meta["obs/top"]["shape"] == [32, 32, 3]

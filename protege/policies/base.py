@@ -49,7 +49,10 @@ class Policy(nn.Module):
         horizon: int,
         n_action_steps: int,
         normalization: Mapping[str, str] | None = None,
+        obs_encoder: Mapping[str, Any] | None = None,
     ) -> None:
+        """`obs_encoder`: put a learned per-step encoder φ (nets/encoder.py) in front of the head:
+        {hidden_dims, out_dim, conv_channels, checkpoint (init from a run, e.g. IDM pretraining), freeze}."""
         super().__init__()
         if not 1 <= n_action_steps <= horizon - n_obs_steps + 1:
             raise ValueError(
@@ -65,6 +68,11 @@ class Policy(nn.Module):
         self.normalizer = Normalizer(
             {k: (tuple(v["shape"]) if v["kind"] != "image" else (), modes[v["kind"]]) for k, v in self.shape_meta.items()}
         )
+        self.obs_encoder = None
+        if obs_encoder is not None:
+            from protege.policies.nets.encoder import build_obs_encoder
+
+            self.obs_encoder = build_obs_encoder(self.shape_meta, self.obs_keys, **obs_encoder)
 
     @property
     def device(self) -> torch.device:
@@ -100,7 +108,10 @@ class Policy(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def low_dim_obs(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """`state_features` flattened over the window, (B, n_obs_steps * D), for state-only policies."""
+        """`state_features` flattened over the window, (B, n_obs_steps * D), for state-only policies;
+        with an `obs_encoder` (e.g. IDM-pretrained), φ of each step instead."""
+        if self.obs_encoder is not None:
+            return self.obs_encoder.encode_window(obs, self.normalizer, self.n_obs_steps)
         self.obs_feature_dim  # noqa: B018 - raises a clear error if the policy was given cameras
         return self.state_features(obs).flatten(1)
 
@@ -119,6 +130,8 @@ class Policy(nn.Module):
     @property
     def obs_feature_dim(self) -> int:
         """Per-step feature size of `low_dim_obs`, for policies without an image encoder."""
+        if self.obs_encoder is not None:
+            return self.obs_encoder.out_dim
         for k in self.obs_keys:
             if self.shape_meta[k]["kind"] == "image":
                 raise ValueError(f"{type(self).__name__} takes state observations only; {k!r} is an image key")

@@ -8,6 +8,7 @@ Diffusion Policy fixes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,9 @@ class BCPolicy(Policy):
         hidden_dims: Sequence[int] = (256, 256, 256),
         dropout: float = 0.0,
         normalization: Mapping[str, str] | None = None,
+        obs_encoder: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, normalization)
+        super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, normalization, obs_encoder=obs_encoder)
         self.net = mlp(self.obs_feature_dim * n_obs_steps, hidden_dims, horizon * self.action_dim, dropout)
 
     def _forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from protege.policies.base import Policy, ShapeMeta
 from protege.policies.nets.unet1d import ConditionalUnet1D
-from protege.policies.nets.vision import ObsEncoder
+from protege.policies.nets.vision import CameraEncoders
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 
@@ -43,13 +43,15 @@ class DiffusionPolicy(Policy):
         num_inference_steps: int = 10,
         normalization: Mapping[str, str] | None = None,
         image: Mapping[str, Any] | None = None,
+        obs_encoder: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, normalization)
-        self.obs_encoder = ObsEncoder(self.shape_meta, self.obs_keys, image)
+        super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, normalization, obs_encoder=obs_encoder)
+        # cameras: one ResNet-18 each, unless a (pretrained) obs_encoder φ already reads every key
+        self.image_encoders = CameraEncoders(self.shape_meta, self.obs_keys if self.obs_encoder is None else [], image)
         if inference_scheduler not in SCHEDULERS:
             raise ValueError(f"inference_scheduler={inference_scheduler!r}: expected one of {sorted(SCHEDULERS)}")
         self.unet = ConditionalUnet1D(
-            self.action_dim, (self.state_feature_dim + self.obs_encoder.dim) * n_obs_steps, down_dims, kernel_size, n_groups, step_embed_dim
+            self.action_dim, self.cond_dim_per_step * n_obs_steps, down_dims, kernel_size, n_groups, step_embed_dim
         )
         sched_kwargs = dict(
             num_train_timesteps=num_train_timesteps,
@@ -61,11 +63,17 @@ class DiffusionPolicy(Policy):
         self.inference_scheduler = SCHEDULERS[inference_scheduler](**sched_kwargs)
         self.num_inference_steps = num_inference_steps
 
+    @property
+    def cond_dim_per_step(self) -> int:
+        return self.obs_feature_dim if self.obs_encoder is not None else self.state_feature_dim + self.image_encoders.dim
+
     def condition(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The U-Net's global condition: state and camera features of every observation step, flattened."""
+        if self.obs_encoder is not None:
+            return self.low_dim_obs(obs)
         feats = self.state_features(obs)
-        if self.obs_encoder.cameras:
-            feats = torch.cat([feats, self.obs_encoder(obs, self.n_obs_steps)], dim=-1)
+        if self.image_encoders.cameras:
+            feats = torch.cat([feats, self.image_encoders(obs, self.n_obs_steps)], dim=-1)
         return feats.flatten(1)
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -85,9 +93,7 @@ class DiffusionPolicy(Policy):
         x = torch.randn(B, self.horizon, self.action_dim, device=cond.device, dtype=cond.dtype)
         sched = self.inference_scheduler
         sched.set_timesteps(self.num_inference_steps, device=cond.device)
-        K = len(sched.timesteps)
-        # conditioning of all K denoising steps in one batched pass: (K*B, 2C) -> K lists of (B, 2C)
-        films = [f.view(K, B, -1) for f in self.unet.films(sched.timesteps.repeat_interleave(B), cond.repeat(K, 1))]
+        films = self.unet.films_per_step(sched.timesteps, cond)  # conditioning of all steps in one pass
         for k, t in enumerate(sched.timesteps):
-            x = sched.step(self.unet(x, t, cond, films=[f[k] for f in films]), t, x).prev_sample
+            x = sched.step(self.unet(x, t, cond, films=films[k]), t, x).prev_sample
         return self.action_slice(self.normalizer.unnormalize(self.action_key, x))

@@ -98,7 +98,10 @@ def load_policy(ckpt_dir: str | Path, cfg: DictConfig | None = None, device: str
 
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     cfg = load_config(ckpt_dir) if cfg is None else cfg
-    policy = build_policy(cfg.policy, OmegaConf.to_container(cfg.shape_meta))
+    from protege.policies.nets.encoder import restoring_weights
+
+    with restoring_weights():  # every weight comes from this checkpoint (not from a pretrained encoder's)
+        policy = build_policy(cfg.policy, OmegaConf.to_container(cfg.shape_meta))
     state = load_file(ckpt_dir / "model.safetensors")
     state.update(load_file(ckpt_dir / "normalizer.safetensors"))
     policy.load_state_dict(state, strict=True)

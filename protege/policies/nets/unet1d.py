@@ -85,6 +85,15 @@ class ConditionalUnet1D(nn.Module):
         cond = torch.cat([self.step_encoder(timestep), global_cond], dim=-1)
         return [block.film(cond) for block in self.blocks]
 
+    def films_per_step(self, timesteps: torch.Tensor, global_cond: torch.Tensor) -> list[list[torch.Tensor]]:
+        """FiLM parameters for every step of a K-step sampling loop in one batched call.
+
+        timesteps (K,), global_cond (B, G) -> K lists (one per step) of per-block (B, 2C) tensors,
+        to pass as `films=` to `forward` at step k."""
+        K, B = len(timesteps), global_cond.shape[0]
+        films = [f.view(K, B, -1) for f in self.films(timesteps.repeat_interleave(B), global_cond.repeat(K, 1))]
+        return [[f[k] for f in films] for k in range(K)]
+
     @property
     def blocks(self) -> list[CondResBlock1d]:
         return [*(b for lvl in self.down for b in lvl[:2]), *self.mid, *(b for lvl in self.up for b in lvl[:2])]

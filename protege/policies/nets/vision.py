@@ -1,5 +1,5 @@
 """Image pipeline shared by image policies: uint8 frames -> augmented, ImageNet-normalised tensors ->
-ResNet-18 features; and `ObsEncoder`, which turns the cameras of an observation window into one
+ResNet-18 features; and `CameraEncoders`, which turns the cameras of an observation window into one
 feature vector per step.
 
 - Frames arrive from the sampler / env as uint8 `(..., H, W, 3)`; conversion to float, the crop and
@@ -156,7 +156,7 @@ class ImageEncoder(nn.Module):
         return self.out(self.pool(self.trunk(self.augment(images))))
 
 
-class ObsEncoder(nn.Module):
+class CameraEncoders(nn.Module):
     """The cameras of an observation window -> per-step features `(B, To, D)`: one `ImageEncoder` per
     camera (separate weights per camera, as in the Diffusion Policy paper). State keys are the
     policy's (`Policy.state_features`); `dim` counts the image features only."""
