@@ -153,13 +153,14 @@ def check_env_matches_policy(policy: Policy, space: gym.Space) -> None:
     """Every observation key the policy was trained on must come out of the env with the same shape
     (camera names and image sizes in particular): fail before the first rollout, not inside it."""
     provided = {k: tuple(v.shape) for k, v in getattr(space, "spaces", {}).items()}
+    meta = getattr(policy, "shape_meta", {})  # duck-typed policies (e.g. a scripted expert) may have none
     for key in policy.obs_keys:
-        name, want = key.removeprefix("obs/"), tuple(policy.shape_meta[key]["shape"])
-        kind = policy.shape_meta[key]["kind"]
+        name = key.removeprefix("obs/")
+        want, kind = tuple(meta.get(key, {}).get("shape", ())), meta.get(key, {}).get("kind", "observation")
         if name not in provided:
             raise ConfigError(f"the policy was trained on {kind} {name!r} {want} but the env provides {provided}; "
                               f"set the env's cameras/observations to match the checkpoint")
-        if provided[name] != want:
+        if key in meta and provided[name] != want:
             raise ConfigError(f"the policy was trained on {kind} {name!r} with shape {want} but the env gives {provided[name]}; "
                               f"set the env's image size / observations to match the checkpoint")
 
