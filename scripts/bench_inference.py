@@ -58,20 +58,23 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench_inference.json")
+    p.add_argument("--only", default="", help="comma-separated substrings: run only the matching cases (e.g. act)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cases = {
-        "diffusion_ddim10": make("diffusion", "policy.inference_scheduler=ddim", "policy.num_inference_steps=10"),
-        "diffusion_ddpm100": make("diffusion", "policy.inference_scheduler=ddpm", "policy.num_inference_steps=100"),
-        "bc": make("bc"),
+    builders = {
+        "diffusion_ddim10": lambda: make("diffusion", "policy.inference_scheduler=ddim", "policy.num_inference_steps=10"),
+        "diffusion_ddpm100": lambda: make("diffusion", "policy.inference_scheduler=ddpm", "policy.num_inference_steps=100"),
+        "bc": lambda: make("bc"),
         # context rows: a 2-level U-Net (fewer ops) and the paper-size U-Net, both DDIM-10
-        "diffusion_ddim10_2level": make("diffusion", "policy.down_dims=[32,64]"),
-        "diffusion_paper_ddim10": make("diffusion_paper", "policy.inference_scheduler=ddim", "policy.num_inference_steps=10"),
+        "diffusion_ddim10_2level": lambda: make("diffusion", "policy.down_dims=[32,64]"),
+        "diffusion_paper_ddim10": lambda: make("diffusion_paper", "policy.inference_scheduler=ddim", "policy.num_inference_steps=10"),
         # ACT, paper size (hidden 512): one pass per 100-action chunk
-        "act_240x320": make("act", shape_meta=aloha_meta(240, 320)),
-        "act_96x128": make("act", shape_meta=aloha_meta(96, 128)),
-        "act_small_96x128": make("act_small", shape_meta=aloha_meta(96, 128)),
+        "act_240x320": lambda: make("act", shape_meta=aloha_meta(240, 320)),
+        "act_96x128": lambda: make("act", shape_meta=aloha_meta(96, 128)),
+        "act_small_96x128": lambda: make("act_small", shape_meta=aloha_meta(96, 128)),
     }
+    wanted = [w for w in args.only.split(",") if w]
+    cases = {name: build() for name, build in builders.items() if not wanted or any(w in name for w in wanted)}
     slow = ("ddpm", "paper", "act")
     results = {name: latency_ms(pol, max(20, args.iters // 5) if any(w in name for w in slow) else args.iters)
                for name, pol in cases.items()}
@@ -81,7 +84,8 @@ def main() -> None:
     for name in cases:
         r = results[name]
         print(f"{name:20s} median {r['median_ms']:8.2f} ms   p99 {r['p99_ms']:8.2f} ms   params {r['params']:,}")
-    print(" ".join(f"{n}_ms={results[n]['median_ms']:.2f}" for n in ("diffusion_ddim10", "diffusion_ddpm100", "bc", "act_240x320", "act_96x128")))
+    headline = ("diffusion_ddim10", "diffusion_ddpm100", "bc", "act_240x320", "act_96x128")
+    print(" ".join(f"{n}_ms={results[n]['median_ms']:.2f}" for n in headline if n in results))
 
 
 if __name__ == "__main__":
