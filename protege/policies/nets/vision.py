@@ -45,10 +45,13 @@ def resnet18_trunk(norm: str = "group_norm", weights: str | None = None) -> nn.M
     net = torchvision.models.resnet18(weights=None, norm_layer=norm_layer)
     if weights:
         state = _load_resnet_weights(weights)
+        def is_norm(key: str) -> bool:  # batch-norm entries of a torchvision resnet state dict
+            return "bn" in key or "downsample.1" in key
+
         if norm == "group_norm":  # BN statistics have no group-norm counterpart: keep the conv weights
-            state = {k: v for k, v in state.items() if not any(s in k for s in ("bn", "downsample.1"))}
+            state = {k: v for k, v in state.items() if not is_norm(k)}
         missing, unexpected = net.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if norm != "group_norm" or not ("bn" in k or "downsample.1" in k)]:
+        if unexpected or [k for k in missing if norm != "group_norm" or not is_norm(k)]:
             raise ConfigError(f"backbone weights {weights}: not a torchvision resnet18 state dict "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return nn.Sequential(*list(net.children())[:-2])
