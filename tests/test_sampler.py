@@ -9,7 +9,7 @@ from protege.datasets.replay_buffer import ReplayBuffer
 from protege.datasets.sampler import SequenceSampler, WindowDataset, split_episodes
 
 
-def reference_windows(buffer, obs_keys, n_obs, horizon, pad_before, pad_after):
+def reference_windows(buffer, obs_keys, n_obs, horizon, pad_before, pad_after, horizon_keys=()):
     """Slow, obviously-correct version: loop over episodes, window starts and steps."""
     out = []
     ends = list(buffer.episode_ends)
@@ -21,8 +21,8 @@ def reference_windows(buffer, obs_keys, n_obs, horizon, pad_before, pad_after):
             for j in range(horizon):
                 t = s + j
                 src = min(max(t, lo), hi - 1)
-                if j < n_obs:
-                    for k in obs_keys:
+                for k in obs_keys:
+                    if j < n_obs or k in horizon_keys:
                         w[k].append(buffer.data[k][src])
                 w["action"].append(buffer.data["action"][src])
                 w["action_is_pad"].append(not lo <= t < hi)
@@ -46,6 +46,23 @@ def test_vectorised_windows_equal_reference(rng, n_obs, horizon, pads):
     for b, i in enumerate(idx):
         for k in ref[i]:
             np.testing.assert_array_equal(batch[k][b], ref[i][k], err_msg=f"window {i} key {k}")
+
+
+def test_horizon_obs_keys_cover_the_whole_window(rng):
+    """ACT-JEPA's future proprioception: chosen keys span the horizon (edge-padded), the rest n_obs steps."""
+    buf = ReplayBuffer.create(zarr.storage.MemoryStore(), fps=10)
+    for n in rng.integers(1, 15, size=6):
+        buf.append_episode(make_episode(rng, int(n), image=True))
+    mem = ReplayBuffer.load(buf)
+    sampler = SequenceSampler(mem, ["obs/state", "obs/cam"], 1, 6, horizon_obs_keys=["obs/state"])
+    ref = reference_windows(mem, ["obs/state", "obs/cam"], 1, 6, 0, 5, horizon_keys=["obs/state"])
+    batch = sampler.gather(np.arange(len(sampler)))
+    assert batch["obs/state"].shape[1] == 6 and batch["obs/cam"].shape[1] == 1
+    for i, w in enumerate(ref):
+        for k in w:
+            np.testing.assert_array_equal(batch[k][i], w[k], err_msg=f"window {i} key {k}")
+    with pytest.raises(ValueError, match="horizon_obs_keys"):
+        SequenceSampler(mem, ["obs/state"], 1, 6, horizon_obs_keys=["obs/other"])
 
 
 def test_every_step_is_a_current_step_with_default_padding(rng):

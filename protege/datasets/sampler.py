@@ -42,13 +42,19 @@ class SequenceSampler:
         pad_before: int | None = None,
         pad_after: int | None = None,
         action_key: str = "action",
+        horizon_obs_keys: Sequence[str] = (),
     ) -> None:
+        """`horizon_obs_keys`: obs keys gathered over the whole window `(B, horizon, ...)`, e.g. the
+        future proprioception ACT-JEPA predicts; the others cover the first `n_obs_steps` steps."""
         if horizon < n_obs_steps:
             raise ValueError(f"horizon ({horizon}) must be >= n_obs_steps ({n_obs_steps})")
         for k in [*obs_keys, action_key]:
             buffer[k]  # raises a DataError naming the key if it is missing
         self.buffer = buffer
         self.obs_keys = list(obs_keys)
+        self.obs_steps = {k: horizon if k in horizon_obs_keys else n_obs_steps for k in self.obs_keys}
+        if unknown := set(horizon_obs_keys) - set(self.obs_keys):
+            raise ValueError(f"horizon_obs_keys {sorted(unknown)} are not among the obs keys {self.obs_keys}")
         self.action_key = action_key
         self.n_obs_steps = n_obs_steps
         self.horizon = horizon
@@ -77,8 +83,8 @@ class SequenceSampler:
         lo, hi = self.window_lo[idx, None], self.window_hi[idx, None]
         tc = np.clip(t, lo, hi - 1)
         data = self.buffer.data
-        out = {k: np.asarray(data[k][tc[:, : self.n_obs_steps].ravel()]).reshape(
-            len(idx), self.n_obs_steps, *data[k].shape[1:]) for k in self.obs_keys}
+        out = {k: np.asarray(data[k][tc[:, : self.obs_steps[k]].ravel()]).reshape(
+            len(idx), self.obs_steps[k], *data[k].shape[1:]) for k in self.obs_keys}
         out[self.action_key] = np.asarray(data[self.action_key][tc.ravel()]).reshape(
             len(idx), self.horizon, *data[self.action_key].shape[1:])
         out["action_is_pad"] = (t < lo) | (t >= hi)

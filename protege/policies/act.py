@@ -109,10 +109,9 @@ class ACTPolicy(Policy):
         self.backbone_lr = backbone_lr
         self.image_keys = [k for k in self.obs_keys if self.shape_meta[k]["kind"] == "image"]
         state_dim = self.state_feature_dim  # all non-image keys form one proprioception token
-        D = hidden_dim
-
-        def layers(n: int, cross: bool = False) -> nn.ModuleList:
-            return nn.ModuleList(TransformerLayer(D, n_heads, dim_feedforward, dropout, cross) for _ in range(n))
+        D = self.hidden_dim = hidden_dim
+        self._layer_args = (D, n_heads, dim_feedforward, dropout)
+        layers = self.transformer_layers
 
         # --- CVAE posterior encoder q(z | proprioception, action chunk)
         if use_vae:
@@ -138,6 +137,10 @@ class ACTPolicy(Policy):
         self.action_head = nn.Linear(D, self.action_dim)
 
     # ------------------------------------------------------------------ model
+    def transformer_layers(self, n: int, cross: bool = False) -> nn.ModuleList:
+        """`n` DETR layers of this policy's width (also used by ACT-JEPA's predictor)."""
+        return nn.ModuleList(TransformerLayer(*self._layer_args, cross=cross) for _ in range(n))
+
     def _proprio(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         return self.state_features(obs)[:, 0] if self.state_feature_dim else None
 
@@ -156,7 +159,9 @@ class ACTPolicy(Policy):
         mu, logvar = self.vae_to_latent(x[:, 0]).chunk(2, dim=-1)
         return mu, logvar
 
-    def _decode(self, obs: Mapping[str, torch.Tensor], proprio: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+    def _encode(self, obs: Mapping[str, torch.Tensor], proprio: torch.Tensor | None,
+                z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context encoder: memory tokens [latent, proprioception, image tokens] and their positions."""
         B = z.shape[0]
         tokens, pos = [self.latent_proj(z)[:, None]], [self.token_pos.weight[None, :1].expand(B, -1, -1)]
         if proprio is not None:
@@ -170,6 +175,10 @@ class ACTPolicy(Policy):
         memory, memory_pos = torch.cat(tokens, 1), torch.cat(pos, 1)
         for layer in self.encoder:
             memory = layer(memory, memory_pos)
+        return memory, memory_pos
+
+    def _decode(self, memory: torch.Tensor, memory_pos: torch.Tensor) -> torch.Tensor:
+        B = memory.shape[0]
         query_pos = self.queries.weight[None].expand(B, -1, -1)
         x = torch.zeros_like(query_pos)
         for layer in self.decoder:
@@ -178,6 +187,11 @@ class ACTPolicy(Policy):
 
     # ------------------------------------------------------------------ Policy
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.action_loss(batch)[0]
+
+    def action_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ACT's loss (L1 + kl_weight * KL), plus what ACT-JEPA builds on: the encoder memory, its
+        positions and the chunk's padding mask."""
         actions = self.normalizer.normalize(self.action_key, batch[self.action_key].float())
         is_pad = batch["action_is_pad"].bool() if "action_is_pad" in batch else torch.zeros(actions.shape[:2], dtype=torch.bool, device=actions.device)
         proprio = self._proprio(batch)
@@ -188,17 +202,18 @@ class ACTPolicy(Policy):
             kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(-1).mean()
         else:
             z, kl = actions.new_zeros(B, self.latent_dim), actions.new_zeros(())
-        pred = self._decode(batch, proprio, z)
+        memory, memory_pos = self._encode(batch, proprio, z)
+        pred = self._decode(memory, memory_pos)
         valid = (~is_pad).unsqueeze(-1).to(pred.dtype)
         l1 = ((pred - actions).abs() * valid).sum() / (valid.sum() * self.action_dim).clamp(min=1)
-        return {"loss": l1 + self.kl_weight * kl, "l1": l1.detach(), "kl": kl.detach()}
+        return {"loss": l1 + self.kl_weight * kl, "l1": l1.detach(), "kl": kl.detach()}, memory, memory_pos, is_pad
 
     @torch.no_grad()
     def predict_action(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         proprio = self._proprio(obs)
         B = next(iter(obs.values())).shape[0]
         z = torch.zeros(B, self.latent_dim, device=self.device)  # the prior's mean: deterministic output
-        return self.action_slice(self.normalizer.unnormalize(self.action_key, self._decode(obs, proprio, z)))
+        return self.action_slice(self.normalizer.unnormalize(self.action_key, self._decode(*self._encode(obs, proprio, z))))
 
     def optim_groups(self, lr: float) -> list[dict[str, Any]]:
         """The backbones train at `backbone_lr` (ACT: 1e-5), everything else at `lr`."""

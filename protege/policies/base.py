@@ -4,7 +4,10 @@ A policy is an `nn.Module` that owns its `Normalizer`, so a checkpoint is self-c
 - `compute_loss(batch) -> {"loss": ..., other scalars}` on a raw (unnormalised) batch from the sampler;
 - `predict_action(obs) -> (B, n_action_steps, A)` unnormalised actions to execute from the current
   step, given raw observations `{key: (B, n_obs_steps, ...)}`;
-- `reset()` clears any per-episode state.
+- `reset()` clears any per-episode state;
+- `on_train_step()` runs after every optimizer step (e.g. ACT-JEPA's EMA target encoder);
+- `horizon_obs_keys`: observation keys the sampler gathers over the whole `horizon` instead of the
+  first `n_obs_steps` steps, for policies that learn from future observations (ACT-JEPA).
 
 Policies are built from config with hydra `_target_` (see `protege/configs/policy/*.yaml`):
 `hydra.utils.instantiate(cfg.policy, shape_meta=shape_meta)`.
@@ -41,6 +44,8 @@ def shape_meta_from_buffer(buffer: Any, obs_keys: list[str], action_key: str = "
 
 class Policy(nn.Module):
     """Base class: window sizes, normalizer and helpers shared by every policy."""
+
+    horizon_obs_keys: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -91,20 +96,25 @@ class Policy(nn.Module):
     def reset(self) -> None:
         """Clear per-episode state (none by default: policies here are stateless between chunks)."""
 
+    def on_train_step(self) -> None:
+        """Called by the trainer after each optimizer step (nothing by default)."""
+
     def optim_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; override for per-module learning rates (e.g. ACT's backbone)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
     # helpers -----------------------------------------------------------------
-    def state_features(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Per-step features of every non-image key of the window, (B, n_obs_steps, state_feature_dim):
-        normalised states, and language keys (task indices) as one-hots. Cameras go through an encoder."""
-        parts = [self._task_one_hot(k, obs[k][:, : self.n_obs_steps]) if self.shape_meta[k]["kind"] == "language"
-                 else self.normalizer.normalize(k, obs[k][:, : self.n_obs_steps].float()).flatten(2)
+    def state_features(self, obs: Mapping[str, torch.Tensor], steps: int | None = None) -> torch.Tensor:
+        """Per-step features of every non-image key of the window, (B, steps, state_feature_dim):
+        normalised states, and language keys (task indices) as one-hots. Cameras go through an encoder.
+        `steps` defaults to `n_obs_steps` (more needs the keys in `horizon_obs_keys`)."""
+        steps = self.n_obs_steps if steps is None else steps
+        parts = [self._task_one_hot(k, obs[k][:, :steps]) if self.shape_meta[k]["kind"] == "language"
+                 else self.normalizer.normalize(k, obs[k][:, :steps].float()).flatten(2)
                  for k in self.obs_keys if self.shape_meta[k]["kind"] != "image"]
         if not parts:
             B = next(iter(obs.values())).shape[0]
-            return torch.zeros(B, self.n_obs_steps, 0, device=self.device)
+            return torch.zeros(B, steps, 0, device=self.device)
         return torch.cat(parts, dim=-1)
 
     def low_dim_obs(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -116,8 +116,9 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
     step_mask = np.isin(np.repeat(np.arange(buffer.n_episodes), buffer.episode_lengths), train_eps)
     policy.normalizer.fit({k: buffer.data[k][step_mask] for k, st in policy.normalizer.stats.items() if st.mode != "identity"})
     policy.to(device)
-    sampler = SequenceSampler(buffer, obs_keys, policy.n_obs_steps, policy.horizon, episodes=train_eps)
-    val_sampler = SequenceSampler(buffer, obs_keys, policy.n_obs_steps, policy.horizon, episodes=val_eps) if len(val_eps) else None
+    sampler, val_sampler = (SequenceSampler(buffer, obs_keys, policy.n_obs_steps, policy.horizon, episodes=eps,
+                                            horizon_obs_keys=policy.horizon_obs_keys) if len(eps) else None
+                            for eps in (train_eps, val_eps))
 
     tcfg = cfg.train
     optimizer = torch.optim.AdamW(policy.optim_groups(tcfg.lr), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
@@ -199,6 +200,7 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
         scaler.step(optimizer)
         scaler.update()
         lr_scheduler.step()
+        policy.on_train_step()
         if ema is not None:
             ema.step(trainable)
         step += 1
