@@ -103,7 +103,10 @@ class FrankaEnv(gym.Env):
         control: str = "position",
         render_mode: str | None = None,
         render_camera: str = "front",
+        instruction: str | None = None,
     ) -> None:
+        """`instruction`: make the task language-labelled: `tasks = [instruction]` and a `task` observation
+        (always 0), so demos carry the text and a VLA can be trained and run on it."""
         from protege.hardware.mujoco_robot import MujocoRobot
 
         self.task = make_task(task)
@@ -118,6 +121,9 @@ class FrankaEnv(gym.Env):
         dim = len(policy_observation(obs, self.task.state_keys, [])["state"])
         spaces = {"state": gym.spaces.Box(-np.inf, np.inf, (dim,), np.float32)}
         spaces.update({c: gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8) for c in self.cameras})
+        self.tasks = [instruction] if instruction else []
+        if self.tasks:
+            spaces["task"] = gym.spaces.Discrete(1)
         self.observation_space = gym.spaces.Dict(spaces)
         n = self.controller.space.dim
         self.action_space = gym.spaces.Box(-np.inf, np.inf, (n,), np.float32)
@@ -142,7 +148,10 @@ class FrankaEnv(gym.Env):
         return self._policy_obs(), float(success), success, self.t >= self.max_episode_steps, {"success": success}
 
     def _policy_obs(self) -> dict[str, np.ndarray]:
-        return policy_observation(self._obs, self.task.state_keys, self.cameras)
+        obs = policy_observation(self._obs, self.task.state_keys, self.cameras)
+        if self.tasks:
+            obs["task"] = np.int64(0)
+        return obs
 
     @property
     def robot_obs(self) -> Observation:

@@ -63,6 +63,7 @@ class RunnerSettings:
     record: bool = True
     out_dir: str | None = None
     inference: str = "thread"  # thread | process (see InferenceWorker)
+    instruction: str | None = None  # the text a language-conditioned policy (VLA) is given every step
     rt_priority: int = 50  # SCHED_FIFO priority of the control loop thread (Linux; 0: off; needs root or CAP_SYS_NICE)
 
 
@@ -86,9 +87,9 @@ class _Stop(Exception):
         self.status, self.message = status, message
 
 
-def _predict(policy: Any, device: torch.device, obs: dict[str, np.ndarray]) -> np.ndarray:
-    with torch.no_grad():
-        batch = {k: torch.from_numpy(v[None]).to(device) for k, v in obs.items()}
+def _predict(policy: Any, device: torch.device, obs: dict[str, Any]) -> np.ndarray:
+    with torch.no_grad():  # arrays become a batch of 1; the instruction text a list of 1 string
+        batch = {k: [v] if isinstance(v, str) else torch.from_numpy(v[None]).to(device) for k, v in obs.items()}
         return policy.predict_action(batch)[0].float().cpu().numpy()
 
 
@@ -200,6 +201,13 @@ class Runner:
     ) -> None:
         self.policy, self.robot, self.task = policy, robot, task
         self.s = settings or RunnerSettings()
+        self.policy_keys = list(policy.obs_keys)
+        meta = getattr(policy, "shape_meta", {})
+        self.language_keys = [k for k in self.policy_keys if meta.get(k, {}).get("kind") == "language"]
+        if self.language_keys and not self.s.instruction:
+            tasks = meta[self.language_keys[0]].get("tasks", [])
+            raise ConfigError(f"runner: the policy is language-conditioned ({self.language_keys[0]!r}); set runner.instruction "
+                              f"to the text to follow (it was trained on {tasks})")
         self.state_keys, self.cameras = list(state_keys), list(cameras or [])
         self.device = torch.device(device)
         self.estop = estop or EStop()
@@ -215,16 +223,17 @@ class Runner:
         self.max_steps = self.s.max_steps or (task.max_episode_steps if task is not None else None)
         if not self.max_steps:
             raise ConfigError("runner: max_steps is required when no task defines an episode length")
-        self.policy_keys = list(policy.obs_keys)
         self.out_dir = Path(self.s.out_dir) if self.s.out_dir else None
 
     # ------------------------------------------------------------------------------------ helpers
     def _observe(self, obs: Observation) -> dict[str, np.ndarray] | None:
         return policy_observation(obs, self.state_keys, self.cameras)
 
-    def _window(self, history: deque) -> dict[str, np.ndarray]:
-        out = {}
+    def _window(self, history: deque) -> dict[str, Any]:
+        out: dict[str, Any] = {"instruction": self.s.instruction} if self.language_keys else {}
         for key in self.policy_keys:
+            if key in self.language_keys:
+                continue
             name = key.removeprefix("obs/")
             if name not in history[-1]:
                 raise ConfigError(f"policy observation key {key!r} is not produced by the robot/task "
@@ -396,6 +405,8 @@ class Runner:
         row.update({"action": action, "robot/t": np.float64(obs.t), "robot/joint_pos": obs.joint_pos,
                     "robot/joint_vel": obs.joint_vel, "robot/ee_pos": obs.ee_pos, "robot/gripper": obs.gripper,
                     "command/q": cmd.q, "command/gripper": np.float32(cmd.gripper), "runner/held": np.uint8(held)})
+        if self.language_keys:  # the recording is a language-labelled demo: task 0 = the instruction (attrs["tasks"])
+            row["task"] = np.int64(0)
         for k, v in row.items():
             rec.setdefault(k, []).append(np.asarray(v))
 
@@ -409,7 +420,8 @@ class Runner:
             self.buffer = ReplayBuffer.open_or_create(
                 str(self.out_dir / "recording.zarr"), fps=1.0 / self.period,
                 attrs={"provenance": {"source": "protege run", "robot": self.robot.name, **self.provenance},
-                       "units": {"action": self.action_space.name}})
+                       "units": {"action": self.action_space.name},
+                       **({"tasks": [self.s.instruction]} if self.language_keys else {})})
         self.buffer.append_episode({k: np.stack(v) for k, v in rec.items()})
 
     # ---------------------------------------------------------------------------------- report
@@ -516,6 +528,7 @@ def run_checkpoint(cfg: Any) -> dict[str, Any]:
     fields.pop("state_keys", None)
     settings = RunnerSettings(**fields)
     settings.rate_hz = settings.rate_hz or float(env.get("control_hz", train_cfg.task.fps))
+    settings.instruction = settings.instruction or env.get("instruction")  # a language task's own instruction
     if settings.max_steps is None and env.get("max_episode_steps"):
         settings.max_steps = int(env["max_episode_steps"])
     if settings.out_dir is None:
