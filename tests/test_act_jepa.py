@@ -99,3 +99,19 @@ def test_act_jepa_learns_pointmass_through_the_trainer(tmp_path):
     start = init.target_encoder["state_proj"].weight
     assert torch.equal(start, init.state_proj.weight)  # the target starts as a copy of the context encoder
     assert (target - context).abs().mean() < 0.5 * (start - context).abs().mean()
+
+
+def test_images_in_the_context_proprioception_in_the_target():
+    meta = {"obs/state": {"shape": [3], "kind": "state"}, "obs/top": {"shape": [32, 32, 3], "kind": "image"},
+            "action": {"shape": [2], "kind": "action"}}
+    policy = ACTJEPAPolicy(meta, chunk_size=4, n_action_steps=4, **TINY)
+    policy.normalizer.fit({"obs/state": np.random.randn(10, 3), "action": np.random.randn(10, 2)})
+    assert policy.horizon_obs_keys == ("obs/state",)  # cameras stay at the current step
+    batch = {"obs/state": torch.randn(2, 4, 3), "obs/top": torch.randint(0, 255, (2, 1, 32, 32, 3), dtype=torch.uint8),
+             "action": torch.randn(2, 4, 2), "action_is_pad": torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]).bool()}
+    out = policy.compute_loss(batch)
+    out["loss"].backward()
+    assert set(out) == {"loss", "l1", "kl", "latent"} and torch.isfinite(out["loss"])
+    assert policy.backbones[0][0].weight.grad.abs().sum() > 0
+    obs = {"obs/state": batch["obs/state"][:, :1], "obs/top": batch["obs/top"]}
+    assert policy.predict_action(obs).shape == (2, 4, 2)  # inference needs only the current step
