@@ -82,7 +82,7 @@ def _batch(buf: ReplayBuffer, keys=OBS_KEYS, n: int = 8) -> dict[str, torch.Tens
     return to_torch(SequenceSampler(buf, keys, 1, 8).gather(np.arange(n)))
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "paligemma", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["smolvlm", "paligemma", "qwen2_5_vl", "qwen2_vl"])
 def test_loads_local_folder_and_lora_trains_only_adapters_and_head(tiny_vlm, lang_buffer, family, one_thread):
     vlm_dir = tiny_vlm(family)
     policy = _policy(vlm_dir, lang_buffer, head="l1", lora_rank=4, lora_target_modules=["q_proj", "v_proj"])
@@ -147,7 +147,7 @@ def test_camera_images_go_through_the_vlm_processor(tiny_vlm, cam_buffer, family
     assert not torch.allclose(policy.predict_action(obs), policy.predict_action(other))
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["smolvlm", "qwen2_5_vl", "qwen2_vl"])
 def test_prompt_and_appended_tokens_are_positioned_as_the_model_expects(tiny_vlm, cam_buffer, family, one_thread):
     """The policy calls the backbone with inputs_embeds (prompt + state token + action queries), not input_ids.
     The prompt part must come out exactly as the model's own input_ids path computes it (image features in the

@@ -1,11 +1,13 @@
 """Vision-language-action policy: a Hugging Face VLM from a local folder + LoRA + an action head.
 
-Backbone: any transformers vision-language model (SmolVLM/Idefics3, PaliGemma, ... — anything
+Backbone: any transformers vision-language model (SmolVLM/Idefics3, PaliGemma, Qwen2-VL / Qwen2.5-VL, ... — anything
 `AutoModelForImageTextToText` loads) from `pretrained=<dir>`, with its processor/tokenizer from the
 same folder, local files only. Its language-model head is dropped: the policy reads hidden states.
 
 Input sequence (one VLM forward): [camera images + instruction] (the processor's own prompt format,
-left-padded) + [one proprioceptive-state token] (+ [horizon action queries] for `head=l1`).
+left-padded) + [one proprioceptive-state token] (+ [horizon action queries] for `head=l1`), given to the
+backbone as inputs_embeds; for multimodal-RoPE models (Qwen2-VL, Qwen2.5-VL) the position ids come from the
+model's own `get_rope_index` and continue after the prompt (`_multimodal_position_ids`).
 Heads (`head=`):
 - `l1` (OpenVLA-OFT): `horizon` learned action-query embeddings appended to the sequence; their final
   hidden states are decoded to the whole chunk at once by an MLP (parallel decoding, one forward
@@ -205,6 +207,7 @@ class VLAPolicy(Policy):
 
         vlm, self.processor, _ = load_backbone(pretrained)
         self.processor.tokenizer.padding_side = "left"  # appended state/query tokens follow the prompt directly
+        self.image_text = _image_placeholder(self.processor) if self.camera_keys else ""
         self.backbone = vlm.base_model  # vision tower + projector + language model, without the LM head
         dim = int(self.backbone.get_input_embeddings().embedding_dim)
         # the vision side = every backbone parameter outside the language model (tower + projector)
@@ -300,8 +303,7 @@ class VLAPolicy(Policy):
             # the current step's frame of every camera, (B, C, H, W) uint8, through the VLM's own image processor
             frames = [obs[k][:, self.n_obs_steps - 1].permute(0, 3, 1, 2).cpu() for k in self.camera_keys]
             images = [[f[b] for f in frames] for b in range(batch_size)]
-            token = _image_placeholder(self.processor)
-            inputs = self.processor(text=[token * len(frames) + s for s in instr], images=images, return_tensors="pt", padding=True)
+            inputs = self.processor(text=[self.image_text * len(frames) + s for s in instr], images=images, return_tensors="pt", padding=True)
         inputs = dict(inputs)
         inputs.pop("labels", None)  # PaliGemma's processor adds training labels for its LM head
         return {k: v.to(self.device) for k, v in inputs.items()}
