@@ -38,6 +38,7 @@ normaliser: small, but it needs the backbone folder to load.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -152,8 +153,6 @@ def _multimodal_position_ids(backbone: nn.Module, ids: torch.Tensor, mask: torch
     get_rope_index = getattr(backbone, "get_rope_index", None)
     if get_rope_index is None:
         return None
-    import inspect
-
     params = inspect.signature(get_rope_index).parameters
     kw = {k: v for k, v in inputs.items() if k in params}
     if "mm_token_type_ids" in params and "mm_token_type_ids" not in kw:  # a text-only prompt: every token is text
