@@ -2,11 +2,12 @@
 
     python scripts/make_tiny_vlm.py out/tiny-smolvlm                 # SmolVLM / Idefics3 family (default)
     python scripts/make_tiny_vlm.py out/tiny-paligemma --family paligemma
+    python scripts/make_tiny_vlm.py out/tiny-qwen25vl --family qwen2_5_vl   # or qwen2_vl
     protege train policy=vla policy.pretrained=out/tiny-smolvlm task=pointmass_lang
 
 The folder holds what `save_pretrained` writes for a downloaded checkpoint (config.json,
 model.safetensors, tokenizer + processor files), so the VLA policy loads it through exactly the
-path it uses for real SmolVLM / PaliGemma weights (transformers' Auto classes, local files only).
+path it uses for real SmolVLM / PaliGemma / Qwen2(.5)-VL weights (transformers' Auto classes, local files only).
 No pretrained weights can be fetched on an offline machine: this is the stand-in for tests and
 CPU-scale experiments. The tokenizer is a byte-level BPE trained here with `tokenizers` on a small
 corpus of robot instructions, so any text tokenizes (unknown words fall back to bytes).
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-FAMILIES = ("smolvlm", "paligemma")
+FAMILIES = ("smolvlm", "paligemma", "qwen2_5_vl", "qwen2_vl")
 
 # Words a robot instruction uses (incl. the protege language tasks), so common words get own tokens.
 CORPUS = """
@@ -74,6 +75,38 @@ def make_tiny_vlm(out: str | Path, family: str = "smolvlm", image_size: int = 32
         image_processor = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": image_size},
                                                  max_image_size={"longest_edge": image_size})
         processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=(image_size // patch) ** 2 // scale**2)
+    elif family in ("qwen2_5_vl", "qwen2_vl"):
+        import transformers
+        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+        tokenizer = _tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], vocab_size)
+        ids = tokenizer.convert_tokens_to_ids
+        # M-RoPE: the head_dim/2 rotary frequencies split over (time, height, width) in the real model's 2:3:3 ratio
+        half = hidden // 4 // 2
+        mrope = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+        text_q = {**text, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+                  "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                  "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        text_q.pop("head_dim")  # Qwen2-VL derives it from hidden_size / heads
+        merge = 2  # 2x2 patches merge into one LLM token: (image/patch)^2 / merge^2 image tokens per image
+        if family == "qwen2_5_vl":
+            # window attention over (patch*merge)-pixel units; the last block attends globally as in the real model
+            vision_q = dict(depth=layers, hidden_size=hidden, intermediate_size=2 * hidden, num_heads=4, patch_size=patch,
+                            spatial_merge_size=merge, window_size=2 * patch * merge, out_hidden_size=hidden,
+                            fullatt_block_indexes=[layers - 1])
+        else:
+            vision_q = dict(depth=layers, embed_dim=hidden, hidden_size=hidden, mlp_ratio=2, num_heads=4, patch_size=patch,
+                            spatial_merge_size=merge)
+        prefix = "Qwen2_5_VL" if family == "qwen2_5_vl" else "Qwen2VL"
+        config = getattr(transformers, prefix + "Config")(
+            vision_config=vision_q, text_config=text_q, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        )
+        # pixel budget: the frame keeps its size (a multiple of patch*merge), as the real processor does for small frames
+        pixels = dict(size={"shortest_edge": (patch * merge) ** 2, "longest_edge": image_size**2},
+                      patch_size=patch, merge_size=merge, temporal_patch_size=2)
+        processor = getattr(transformers, prefix + "Processor")(
+            Qwen2VLImageProcessor(**pixels), tokenizer, Qwen2VLVideoProcessor(**pixels))
     else:
         from transformers import PaliGemmaConfig, PaliGemmaProcessor, SiglipImageProcessor
 

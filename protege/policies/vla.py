@@ -1,11 +1,13 @@
 """Vision-language-action policy: a Hugging Face VLM from a local folder + LoRA + an action head.
 
-Backbone: any transformers vision-language model (SmolVLM/Idefics3, PaliGemma, ... — anything
+Backbone: any transformers vision-language model (SmolVLM/Idefics3, PaliGemma, Qwen2-VL / Qwen2.5-VL, ... — anything
 `AutoModelForImageTextToText` loads) from `pretrained=<dir>`, with its processor/tokenizer from the
 same folder, local files only. Its language-model head is dropped: the policy reads hidden states.
 
 Input sequence (one VLM forward): [camera images + instruction] (the processor's own prompt format,
-left-padded) + [one proprioceptive-state token] (+ [horizon action queries] for `head=l1`).
+left-padded) + [one proprioceptive-state token] (+ [horizon action queries] for `head=l1`), given to the
+backbone as inputs_embeds; for multimodal-RoPE models (Qwen2-VL, Qwen2.5-VL) the position ids come from the
+model's own `get_rope_index` and continue after the prompt (`_multimodal_position_ids`).
 Heads (`head=`):
 - `l1` (OpenVLA-OFT): `horizon` learned action-query embeddings appended to the sequence; their final
   hidden states are decoded to the whole chunk at once by an MLP (parallel decoding, one forward
@@ -36,6 +38,7 @@ normaliser: small, but it needs the backbone folder to load.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -123,6 +126,43 @@ def _allow_frozen_missing(module: nn.Module, incompatible: Any) -> None:
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in external]
 
 
+def _image_placeholder(processor: Any) -> str:
+    """The text that stands for one image in the prompt; the processor expands it to the image's tokens.
+
+    Qwen2-VL-style models were trained with each image's tokens between <|vision_start|> and <|vision_end|>,
+    which their processors leave to the chat template, so we add them when the tokenizer has them.
+    """
+    token = processor.image_token
+    vocab = processor.tokenizer.get_vocab()
+    if "<|vision_start|>" in vocab and "<|vision_end|>" in vocab:
+        return f"<|vision_start|>{token}<|vision_end|>"
+    return token
+
+
+def _multimodal_position_ids(backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor, inputs: Mapping[str, Any],
+                             n_new: int) -> torch.Tensor | None:
+    """Position ids for [prompt, n_new appended tokens] when the backbone uses multimodal RoPE, else None.
+
+    Models with 1-D RoPE (SmolVLM, PaliGemma) number the sequence themselves, and a uniform shift from left
+    padding does not change relative positions, so they need nothing. Qwen2-VL-style models (M-RoPE) give
+    image tokens (time, height, width) positions that only their `get_rope_index` computes from input_ids +
+    image_grid_thw; given inputs_embeds alone they would fall back to plain 1-D positions. So we ask it for the
+    prompt's positions and continue them for the appended state/query tokens: max + 1, max + 2, ... on all
+    three axes, exactly the positions generation would give the next tokens.
+    """
+    get_rope_index = getattr(backbone, "get_rope_index", None)
+    if get_rope_index is None:
+        return None
+    params = inspect.signature(get_rope_index).parameters
+    kw = {k: v for k, v in inputs.items() if k in params}
+    if "mm_token_type_ids" in params and "mm_token_type_ids" not in kw:  # a text-only prompt: every token is text
+        kw["mm_token_type_ids"] = torch.zeros_like(ids)
+    positions, _ = get_rope_index(ids, attention_mask=mask, **kw)  # (3, B, L); padding positions are filled arbitrarily
+    start = positions.masked_fill(~mask.bool()[None], -1).amax(dim=(0, 2)) + 1  # (B,) next free position per sample
+    new = start[None, :, None] + torch.arange(n_new, device=ids.device)[None, None]
+    return torch.cat([positions, new.expand(positions.shape[0], -1, -1)], dim=2)
+
+
 class VLAPolicy(Policy):
     def __init__(
         self,
@@ -166,6 +206,7 @@ class VLAPolicy(Policy):
 
         vlm, self.processor, _ = load_backbone(pretrained)
         self.processor.tokenizer.padding_side = "left"  # appended state/query tokens follow the prompt directly
+        self.image_text = _image_placeholder(self.processor) if self.camera_keys else ""
         self.backbone = vlm.base_model  # vision tower + projector + language model, without the LM head
         dim = int(self.backbone.get_input_embeddings().embedding_dim)
         # the vision side = every backbone parameter outside the language model (tower + projector)
@@ -261,8 +302,7 @@ class VLAPolicy(Policy):
             # the current step's frame of every camera, (B, C, H, W) uint8, through the VLM's own image processor
             frames = [obs[k][:, self.n_obs_steps - 1].permute(0, 3, 1, 2).cpu() for k in self.camera_keys]
             images = [[f[b] for f in frames] for b in range(batch_size)]
-            token = self.processor.image_token
-            inputs = self.processor(text=[token * len(frames) + s for s in instr], images=images, return_tensors="pt", padding=True)
+            inputs = self.processor(text=[self.image_text * len(frames) + s for s in instr], images=images, return_tensors="pt", padding=True)
         inputs = dict(inputs)
         inputs.pop("labels", None)  # PaliGemma's processor adds training labels for its LM head
         return {k: v.to(self.device) for k, v in inputs.items()}
@@ -281,10 +321,14 @@ class VLAPolicy(Policy):
         embeds = torch.cat([t.to(tokens[0].dtype) for t in tokens], 1)
         n_new = embeds.shape[1] - ids.shape[1]
         mask = F.pad(mask, (0, n_new), value=1)
-        for k, v in list(inputs.items()):  # per-token extras (PaliGemma's token_type_ids): 0 = prefix
+        positions = _multimodal_position_ids(self.backbone, ids, mask[:, : ids.shape[1]], inputs, n_new)
+        for k, v in list(inputs.items()):  # per-token extras (PaliGemma's token_type_ids, Qwen's mm_token_type_ids): 0 = text
             if v.shape == ids.shape:
                 inputs[k] = F.pad(v, (0, n_new), value=0)
-        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, **inputs)
+        if positions is not None:
+            inputs["position_ids"] = positions
+        # no input_ids: the models find their image-token slots by comparing embeddings with the image token's
+        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **inputs)
         return out.last_hidden_state, mask
 
     def _pooled(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
