@@ -193,6 +193,28 @@ def test_slow_but_async_policy_keeps_up(tmp_path) -> None:  # noqa: ANN001
     assert np.linalg.norm(obs.ee_pos - obs.extra["goal_pos"]) < 0.03
 
 
+def test_no_chunk_crosses_into_the_next_episode(tmp_path) -> None:  # noqa: ANN001
+    """An episode that ends on success with a request in flight: that chunk was computed from the old
+    scene and must be discarded, not executed at the start of the next episode."""
+    policy = GoalPolicy(n_action_steps=4, delay=0.06, delay_from=1)  # 1.2 periods: requests go out early
+    runner, robot = make_runner(tmp_path, policy, n_episodes=3, max_steps=60, stop_on_success=True)
+    added: list[tuple[int, int]] = []  # (loop step, the step the chunk was requested at)
+    add = runner._add
+
+    def spy(res, executor, step, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if res is not None:
+            added.append((step, res[0]))
+        return add(res, executor, step, *args, **kwargs)
+
+    runner._add = spy
+    report = runner.run()
+    assert report["status"] == "completed", report["message"]
+    # a chunk requested at a later step than the loop is at can only come from the previous episode
+    assert all(start <= step for step, start in added), added
+    assert sum(step == 0 for step, _ in added) >= 3  # each episode starts from its own first chunk
+    assert report["first_chunk_ms_max"] >= 60 and report["n_inferences"] > 0
+
+
 def test_nan_action_rejected_then_stopped(tmp_path) -> None:  # noqa: ANN001
     runner, robot = make_runner(tmp_path, GoalPolicy(nan=True))
     report = runner.run()
