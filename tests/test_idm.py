@@ -97,3 +97,18 @@ def test_image_encoder_shapes():
     obs = {"obs/state": torch.rand(5, 2, 3), "obs/cam": torch.randint(0, 255, (5, 2, 16, 16, 3), dtype=torch.uint8)}
     assert policy.low_dim_obs(obs).shape == (5, 16)
     assert policy.predict_action(obs).shape == (5, 2, 2)
+
+
+def test_bc_pretraining_baseline_learns_and_its_encoder_loads(pretrained, tmp_path):
+    """objective=bc (the multitask-BC pretraining baseline): a_t from o_t alone; same encoder, loadable the same way."""
+    _, data, _ = pretrained
+    cfg = train_config(tmp_path / "pre_bc", "task=pointmass", "pretrain=idm", "policy.objective=bc", f"task.dataset={data}",
+                       "train.steps=300", "train.batch_size=256", "train.val_ratio=0.1")
+    result = train(cfg, progress=False)
+    assert np.mean(result["losses"][-20:]) < 0.5 * np.mean(result["losses"][:20])
+    model = load_policy(result["checkpoint"])
+    assert model.objective == "bc" and model.head[0].in_features == model.obs_encoder.out_dim  # o_t only
+    cfg = train_config(tmp_path / "ft", "task=pointmass", "policy=idm_bc", f"policy.obs_encoder.checkpoint={result['run_dir']}",
+                       f"task.dataset={data}", "train.steps=10", "eval.n_episodes=0")
+    tuned = load_policy(train(cfg, progress=False)["checkpoint"])
+    torch.testing.assert_close(tuned.obs_encoder.state_dict()["mlp.0.weight"], model.obs_encoder.state_dict()["mlp.0.weight"])
