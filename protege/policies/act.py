@@ -57,6 +57,12 @@ def sine_2d(h: int, w: int, dim: int, device: torch.device | None = None) -> tor
     return torch.cat([ey[:, None].expand(h, w, half), ex[None].expand(h, w, half)], dim=-1).flatten(0, 1)
 
 
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
+    """Mean |pred - target| over the steps of (B, T, D) chunks that are not padding (`is_pad` (B, T))."""
+    valid = (~is_pad).unsqueeze(-1).to(pred.dtype)
+    return ((pred - target).abs() * valid).sum() / (valid.sum() * pred.shape[-1]).clamp(min=1)
+
+
 class TransformerLayer(nn.Module):
     """Post-norm DETR layer: position embeddings are added to queries and keys in every layer
     (torch's nn.Transformer*Layer adds nothing, hence this small layer)."""
@@ -204,8 +210,7 @@ class ACTPolicy(Policy):
             z, kl = actions.new_zeros(B, self.latent_dim), actions.new_zeros(())
         memory, memory_pos = self._encode(batch, proprio, z)
         pred = self._decode(memory, memory_pos)
-        valid = (~is_pad).unsqueeze(-1).to(pred.dtype)
-        l1 = ((pred - actions).abs() * valid).sum() / (valid.sum() * self.action_dim).clamp(min=1)
+        l1 = masked_l1(pred, actions, is_pad)
         return {"loss": l1 + self.kl_weight * kl, "l1": l1.detach(), "kl": kl.detach()}, memory, memory_pos, is_pad
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from protege.errors import ConfigError
-from protege.policies.act import ACTPolicy, sine_table
+from protege.policies.act import ACTPolicy, masked_l1, sine_table
 from protege.policies.base import ShapeMeta
 
 
@@ -88,8 +88,7 @@ class ACTJEPAPolicy(ACTPolicy):
             raise ValueError(f"ACT-JEPA needs the future proprioception over the chunk ({self.chunk_size} steps) in the "
                              f"batch, got {target.shape[1]}: build the sampler with horizon_obs_keys={list(self.horizon_obs_keys)}")
         pred = self.predict_latents(memory, memory_pos)
-        valid = (~is_pad).unsqueeze(-1).to(pred.dtype)
-        latent = ((pred - target).abs() * valid).sum() / (valid.sum() * pred.shape[-1]).clamp(min=1)
+        latent = masked_l1(pred, target, is_pad)
         out["loss"] = out["loss"] + self.jepa_weight * latent
         out["latent"] = latent.detach()
         return out
