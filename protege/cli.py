@@ -21,9 +21,12 @@ commands:
                                             collects the demos first if missing), evaluate, checkpoint
   eval    checkpoint=<dir> [overrides]      roll a checkpoint out; prints success_rate=<x>, writes eval.json
   collect task=<name> n_episodes=N out=<p>  scripted-expert demonstrations -> replay buffer
-  inspect <buffer>                          episodes, keys, shapes, dtypes, fps of a replay buffer
+          [--image-codec jpeg[:Q]|png|raw] [--resize HxW]   (camera frames: default jpeg:95, as rendered)
+  inspect <buffer>                          episodes, keys, shapes, dtypes, fps, frame codec, instructions
+                                            (with step counts) and robomimic filter keys of a replay buffer
   convert <src> <out> [--format F]          LeRobot v2.1/v3 / robomimic / ALOHA hdf5 / npz folder -> replay buffer
-                                            (resumable); --to lerobot|robomimic exports a buffer
+                                            (resumable); --to lerobot|robomimic exports a buffer;
+                                            --image-codec jpeg[:Q]|png|raw, --resize HxW: how frames are stored
   validate <buffer>                         read every value: layout, lengths, finite numbers
   run     checkpoint=<dir> hardware=<name>  drive a robot (mujoco, mujoco_fast, franka) with a policy at its
           [runner.key=value ...]            control rate; records every step; prints timing; exit code says how it ended
@@ -157,14 +160,36 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
+def _dash_options(args: list[str], names: dict[str, str]) -> list[str]:
+    """`--image-codec png` / `--image-codec=png` -> the hydra override `image_codec=png`, so jobs
+    take the same options as `protege convert`."""
+    out, it = [], iter(args)
+    for a in it:
+        flag, eq, value = a.partition("=")
+        if flag in names:
+            if not eq:
+                value = next(it, None)
+                if value is None:
+                    from protege.errors import ConfigError
+
+                    raise ConfigError(f"{flag}: expected a value")
+            out.append(f"{names[flag]}={value}")
+        else:
+            out.append(a)
+    return out
+
+
 def cmd_collect(args: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from protege.envs.collect import collect
 
-    cfg = compose("collect", args)
+    from protege.datasets.frames import ImageStorage
+
+    cfg = compose("collect", _dash_options(args, {"--image-codec": "image_codec", "--resize": "resize"}))
+    storage = ImageStorage.parse(cfg.image_codec, cfg.resize)
     buf = collect(cfg.task.env_id, OmegaConf.to_container(cfg.task.env, resolve=True), int(cfg.n_episodes), cfg.out,
-                  fps=cfg.task.fps, seed=int(cfg.seed), only_success=cfg.only_success)
+                  fps=cfg.task.fps, seed=int(cfg.seed), only_success=cfg.only_success, image_storage=storage)
     print(buf.summary())
     return 0
 
@@ -193,6 +218,8 @@ def cmd_convert(args: list[str]) -> int:
     p.add_argument("--to", choices=["protege", "robomimic", "lerobot"], default="protege", help="output format")
     p.add_argument("--fps", type=float, help="control rate, when the source does not record it")
     p.add_argument("--map", action="append", default=[], metavar="KEY=SRC", help="npz: buffer key = npz key (repeatable)")
+    p.add_argument("--image-codec", metavar="jpeg[:Q]|png|raw", help="how camera frames are stored (default jpeg:95)")
+    p.add_argument("--resize", metavar="HxW", help="resize camera frames when writing, e.g. 240x320")
     try:
         a = p.parse_args(args)
     except SystemExit as e:
@@ -211,7 +238,10 @@ def cmd_convert(args: list[str]) -> int:
         options["fps"] = a.fps
     if a.map:
         options["key_map"] = dict(m.split("=", 1) for m in a.map)
-    print(convert(a.src, a.out, a.format, **options).summary())
+    from protege.datasets.frames import ImageStorage
+
+    storage = ImageStorage.parse(a.image_codec, a.resize)
+    print(convert(a.src, a.out, a.format, image_storage=storage, **options).summary())
     return 0
 
 

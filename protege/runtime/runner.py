@@ -65,6 +65,8 @@ class RunnerSettings:
     inference: str = "thread"  # thread | process (see InferenceWorker)
     instruction: str | None = None  # the text a language-conditioned policy (VLA) is given every step
     rt_priority: int = 50  # SCHED_FIFO priority of the control loop thread (Linux; 0: off; needs root or CAP_SYS_NICE)
+    image_codec: str | None = None  # recorded frames: jpeg[:quality] | png | raw (default jpeg:95)
+    resize: str | None = None  # recorded frames resized to "HxW" (default: as captured)
 
 
 def _realtime_priority(priority: int) -> tuple | None:
@@ -417,6 +419,7 @@ class Runner:
     def _flush(self, rec: dict[str, list]) -> None:
         if not rec or self.out_dir is None:
             return
+        from protege.datasets.frames import ImageStorage
         from protege.datasets.replay_buffer import ReplayBuffer
 
         if self.buffer is None:
@@ -425,7 +428,8 @@ class Runner:
                 str(self.out_dir / "recording.zarr"), fps=1.0 / self.period,
                 attrs={"provenance": {"source": "protege run", "robot": self.robot.name, **self.provenance},
                        "units": {"action": self.action_space.name},
-                       **({"tasks": [self.s.instruction]} if self.language_keys else {})})
+                       **({"tasks": [self.s.instruction]} if self.language_keys else {})},
+                image_storage=ImageStorage.parse(self.s.image_codec, self.s.resize))
         self.buffer.append_episode({k: np.stack(v) for k, v in rec.items()})
 
     # ---------------------------------------------------------------------------------- report
