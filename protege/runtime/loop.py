@@ -12,8 +12,15 @@ steps before the current chunk runs out. The loop thread asks for SCHED_FIFO pri
 (`rt_priority`) so other processes cannot delay it. With a simulated clock (`robot.clock.realtime`
 False) the loop always waits for inference: simulated time stands still meanwhile.
 
+Cameras: each tick every camera the policy sees must have a frame no older than `max_frame_age`
+(capture time on the robot's clock); frames are cropped/resized to the checkpoint's image shape
+(`cameras.fit_frame`). A missing or too old frame is not acted on: no policy request is made from that
+observation (the current chunk's actions continue, then the robot holds), counted as `missing_frames`
+/ `stale_frames`. Frame ages go into the report (`frame_age_ms_p50/p99`), capture times into the
+recording (`camera/<name>_t`).
+
 When no action is available (policy late, action rejected by the safety layer, camera frame
-missing) the robot holds its last command; the `Watchdog` stops the run after `watchdog_timeout` s
+missing or stale) the robot holds its last command; the `Watchdog` stops the run after `watchdog_timeout` s
 without a fresh action. Ctrl-C / SIGTERM / `EStop.trigger` end the run; every ending goes through
 `robot.stop()`. Timing statistics go into the report (`report.py`).
 """
@@ -33,6 +40,7 @@ import torch
 from protege.errors import ConfigError
 from protege.hardware.base import (Controller, EStop, Observation, RobotError, SafetyLayer, Watchdog,
                                    make_action_space, policy_observation)
+from protege.hardware.cameras import CameraError, fit_frame
 from protege.runtime.chunking import ActionExecutor, make_executor, request_lead
 from protege.runtime.inference import InferenceWorker
 from protege.runtime.recorder import Recorder
@@ -85,7 +93,16 @@ class Runner:
             tasks = meta[self.language_keys[0]].get("tasks", [])
             raise ConfigError(f"runner: the policy is language-conditioned ({self.language_keys[0]!r}); set runner.instruction "
                               f"to the text to follow (it was trained on {tasks})")
-        self.state_keys, self.cameras = list(state_keys), list(cameras or [])
+        self.state_keys = list(state_keys)
+        # the cameras: the checkpoint's image keys (+ `cameras`: more whose frames every observation needs)
+        self.image_shapes = {k.removeprefix("obs/"): tuple(meta[k]["shape"]) for k in self.policy_keys
+                             if meta.get(k, {}).get("kind") == "image"}
+        self.cameras = [*self.image_shapes, *(c for c in cameras or [] if c not in self.image_shapes)]
+        robot_cams = list(getattr(robot, "cameras", ()))
+        unknown = [c for c in self.cameras if c not in robot_cams]
+        if unknown:
+            raise ConfigError(f"runner: the checkpoint observes camera(s) {unknown}, which robot {robot.name!r} does not "
+                              f"have (its cameras: {robot_cams}); configure them under hardware.cameras (name -> backend)")
         self.device = torch.device(device)
         self.estop = estop or EStop()
         rate = self.s.rate_hz
@@ -106,8 +123,27 @@ class Runner:
         self.recorder = Recorder(self.out_dir, 1.0 / self.period, attrs, enabled=self.s.record)
 
     # ------------------------------------------------------------------------------ observations
-    def _observe(self, obs: Observation) -> dict[str, np.ndarray] | None:
-        return policy_observation(obs, self.state_keys, self.cameras)
+    def _observe(self, obs: Observation, now: float) -> tuple[dict[str, np.ndarray] | None, str]:
+        """The policy's view of `obs`, or (None, why) when a camera frame is missing or too old."""
+        out = policy_observation(obs, self.state_keys, [])
+        for cam in self.cameras:
+            img, t = obs.images.get(cam), obs.image_t.get(cam)
+            if img is None:
+                self.stats.missing_frames += 1
+                self.safety.intervene("missing_camera_frame", f"camera {cam!r} delivered no frame, holding")
+                return None, f"camera frames missing ({cam!r})"
+            age = 0.0 if t is None else now - t
+            self.stats.frame_age.append(age)
+            if age > self.s.max_frame_age:
+                self.stats.stale_frames += 1
+                self.safety.intervene("stale_camera_frame", f"camera {cam!r} frame {age * 1e3:.0f} ms old, holding")
+                return None, f"camera {cam!r} frames too old ({age:.2f} s > max_frame_age {self.s.max_frame_age:g} s)"
+            try:
+                out[cam] = fit_frame(img, self.image_shapes.get(cam, img.shape), cam)
+            except CameraError as e:
+                raise _Stop("robot_error", f"{e}; robot stopped") from e
+            self._frame_t[cam] = t
+        return out, ""
 
     def _window(self, history: deque) -> dict[str, Any]:
         out: dict[str, Any] = {"instruction": self.s.instruction} if self.language_keys else {}
@@ -143,7 +179,7 @@ class Runner:
                         self._episode(ep, worker)
                 except _Stop as e:
                     status, message = e.status, e.message
-                except RobotError as e:
+                except (RobotError, CameraError) as e:  # a camera that cannot start is a robot that cannot see
                     status, message = "robot_error", f"robot error: {e}"
                 except KeyboardInterrupt:
                     status, message = "SIGINT", "interrupted (second Ctrl-C)"
@@ -179,11 +215,12 @@ class Runner:
         self.policy.reset()
         result = {"episode": ep, "seed": self.s.seed + ep, "success": False, "length": 0}
         self.episodes.append(result)
+        self._frame_t: dict[str, float | None] = {}
         try:
             obs = robot.read()
-            pobs = self._observe(obs)
+            pobs, why = self._observe(obs, robot.clock.now())
             if pobs is None:
-                raise _Stop("robot_error", f"camera frame missing at the start of episode {ep}; not starting")
+                raise _Stop("robot_error", f"{why} at the start of episode {ep}; not starting")
             history: deque = deque([pobs] * self.policy.n_obs_steps, maxlen=self.policy.n_obs_steps)
             if worker.busy:  # a request of the previous episode still in flight: its chunk belongs to that scene
                 worker.get(None)
@@ -222,11 +259,9 @@ class Runner:
                     break
             if step == self.max_steps:
                 break
-            pobs = self._observe(obs)
+            pobs, why = self._observe(obs, clock.now())
             if pobs is None:
-                st.missing_frames += 1
-                self.safety.intervene("missing_camera_frame", f"step {step}: a camera delivered no frame, holding")
-                hold_reason = "camera frames missing"
+                hold_reason = why
             else:
                 history.append(pobs)
                 last_good = pobs
@@ -244,7 +279,7 @@ class Runner:
                 cmd, fresh = controller(action, obs)
                 if not fresh:
                     hold_reason = "actions rejected by the safety layer (" + ", ".join(
-                        k for k in self.safety.counts if k != "missing_camera_frame") + ")"
+                        k for k in self.safety.counts if "camera_frame" not in k) + ")"
             else:
                 cmd = controller.hold(obs)
                 if pobs is not None:
@@ -287,6 +322,8 @@ class Runner:
         row.update({"action": action, "robot/t": np.float64(obs.t), "robot/joint_pos": obs.joint_pos,
                     "robot/joint_vel": obs.joint_vel, "robot/ee_pos": obs.ee_pos, "robot/gripper": obs.gripper,
                     "command/q": cmd.q, "command/gripper": np.float32(cmd.gripper), "runner/held": np.uint8(held)})
+        for cam in self.cameras:  # capture time of the recorded frame (robot clock)
+            row[f"camera/{cam}_t"] = np.float64(np.nan if self._frame_t.get(cam) is None else self._frame_t[cam])
         if self.language_keys:  # the recording is a language-labelled demo: task 0 = the instruction (attrs["tasks"])
             row["task"] = np.int64(0)
         self.recorder.add(row)

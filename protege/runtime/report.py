@@ -24,7 +24,9 @@ class LoopStats:
     deadline_misses: int = 0  # ticks without an action because the policy was late
     overruns: int = 0  # ticks that ended after the next one was due
     stale_actions_dropped: int = 0
-    missing_frames: int = 0
+    missing_frames: int = 0  # ticks whose observation lacked a camera frame
+    stale_frames: int = 0  # ticks whose camera frame was older than max_frame_age
+    frame_age: list[float] = field(default_factory=list)  # age of every camera frame read (s)
 
 
 def _ms(x: np.ndarray, q: float) -> float | None:
@@ -45,6 +47,8 @@ def timing_report(st: LoopStats, realtime: bool) -> dict[str, Any]:
         "deadline_misses": st.deadline_misses, "overruns": st.overruns,
         "deadline_miss_rate": (st.deadline_misses + st.overruns) / st.ticks if st.ticks else 0.0,
         "stale_actions_dropped": st.stale_actions_dropped,
+        "missing_frames": st.missing_frames, "stale_frames": st.stale_frames,
+        "frame_age_ms_p50": _ms(np.array(st.frame_age), 50), "frame_age_ms_p99": _ms(np.array(st.frame_age), 99),
     }
 
 
@@ -87,6 +91,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"(+ each episode's first chunk, max {f(r['first_chunk_ms_max'])} ms); "
         f"deadline misses {r['deadline_misses']}, overruns {r['overruns']} (rate {r['deadline_miss_rate']:.4f}); "
         f"stale actions dropped {r['stale_actions_dropped']}",
+        *([f"  camera frames: age p50/p99 {f(r['frame_age_ms_p50'])}/{f(r['frame_age_ms_p99'])} ms, "
+           f"missing {r['missing_frames']}, too old {r['stale_frames']}"] if r.get("frame_age_ms_p50") is not None else []),
         f"  safety interventions: {r['safety_interventions'] or 'none'}",
     ]
     if r.get("robot_diagnostics"):

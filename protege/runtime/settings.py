@@ -31,6 +31,9 @@ class RunnerSettings:
     inference: str = "process"
     instruction: str | None = None  # the text a language-conditioned policy (VLA) is given; default: the task's
     state_keys: list[str] | None = None  # robot fields the policy's obs/state concatenates; default: the task's
+    # s: a camera frame older than this (capture time vs the robot's clock) is not acted on: no policy
+    # request from it (held steps counted as stale_frames); a camera that stops delivering trips the watchdog
+    max_frame_age: float = 0.25
     rt_priority: int = 50  # SCHED_FIFO priority of the control loop thread (Linux; 0: off; needs root or CAP_SYS_NICE)
 
 
