@@ -95,7 +95,9 @@ def compose(config_name: str, overrides: list[str]) -> Any:
 
     from protege.errors import ConfigError
     from protege.policies.base import CONFIG_DIR
+    from protege.runtime.settings import register_configs
 
+    register_configs()  # runner/default comes from RunnerSettings, not a yaml
     overrides = _expand_task(overrides)
     for o in overrides:
         key, eq, value = o.partition("=")
