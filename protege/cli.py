@@ -139,9 +139,9 @@ def cmd_train(args: list[str]) -> int:
     evaluate, checkpoint. Overrides are hydra's: group=choice or key=value."""
     from omegaconf import open_dict
 
+    cfg = compose("train", args)  # before the trainer's heavy imports: a bad name fails in a second
     from protege.training.trainer import train
 
-    cfg = compose("train", args)
     with open_dict(cfg):
         if cfg.run_dir is None:
             cfg.run_dir = str(Path("runs") / f"{cfg.task.name}-{cfg.policy.name}-{datetime.now():%Y%m%d-%H%M%S}")

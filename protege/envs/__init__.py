@@ -60,6 +60,7 @@ ENVS: dict[str, EnvSpec] = {
     "aloha_transfer_cube": EnvSpec("protege.envs.aloha", "AlohaEnv", "AlohaExpert", {"task": "transfer_cube"}),
     "aloha_insertion": EnvSpec("protege.envs.aloha", "AlohaEnv", "AlohaExpert", {"task": "insertion"}),
     "franka": EnvSpec("protege.envs.franka", "FrankaEnv", "FrankaExpert"),
+    "robomimic": EnvSpec("protege.envs.robomimic", "RobomimicEnv", "RobomimicExpert"),
 }
 
 
