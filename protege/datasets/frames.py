@@ -168,14 +168,13 @@ def parse_resize(resize: str | tuple[int, int] | list[int] | None) -> tuple[int,
 
 # ---------------------------------------------------------------------------------- lazy frames
 class LazyFrames:
-    """A time-major uint8 frame sequence read on demand (e.g. the JPEG rows of an hdf5 file), so an
+    """A time-major frame sequence read on demand (e.g. the JPEG rows of an hdf5 file), so an
     episode is written a few frames at a time: `append_episode` accepts it in place of an array.
     numpy-like `shape`/`ndim`/`dtype`/`len`; subclasses implement `__getitem__(slice)`."""
 
-    dtype = np.dtype(np.uint8)
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: Any = np.uint8) -> None:
         self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
 
     @property
     def ndim(self) -> int:
