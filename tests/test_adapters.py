@@ -398,6 +398,24 @@ def test_validate_cli(tmp_path, capsys):
     assert "data/action" in err and "finite" in err and "episode 0" in err
 
 
+def test_inspect_shows_instructions_and_filter_keys(tmp_path, capsys):
+    import re
+
+    make_ours(tmp_path / "lang.zarr", n=3)  # episodes of 8, 9, 10 steps with tasks 0, 1, 0
+    assert main(["inspect", str(tmp_path / "lang.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "tasks (2 instructions; steps):" in out
+    assert re.search(r"0\s+18\s+'push the cube'", out) and re.search(r"1\s+9\s+'lift'", out), out
+    assert "obs/front" in out and "jpeg:95, 1 frame/chunk" in out
+
+    convert(make_robomimic(tmp_path / "r.hdf5", lengths=(5, 7, 4, 6)), tmp_path / "r.zarr", progress=False)
+    assert main(["inspect", str(tmp_path / "r.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "filter keys (robomimic masks; episodes of 4):" in out
+    assert re.search(r"train\s+2\n", out) and re.search(r"valid\s+1\n", out), out
+    assert "tasks (" not in out
+
+
 # ------------------------------------------------------------------ LeRobot
 def make_ours(path, n=3, fps=10, image=(32, 48)):
     rng = np.random.default_rng(1)
