@@ -6,7 +6,8 @@ Two frame sets at 240x320 RGB:
   noisy  camera-like frames: smooth shading, texture and moving shapes plus Gaussian sensor noise
          (sigma 3 grey levels, like a webcam/RealSense colour stream: hard for lossless codecs).
 Codecs: raw (uncompressed bytes), raw+blosc (what `--image-codec raw` stores: Blosc zstd-1 +
-byte shuffle), png (level 3, what `png` stores), jpeg q95 (the default), jpeg q80. For each:
+byte shuffle), png (level 3, what `png` stores), jpeg q95 with 4:4:4 chroma (the default),
+jpeg q95 with libjpeg's usual 4:2:0 chroma subsampling (for reference), jpeg q80 (4:4:4). For each:
 bytes/frame, compression ratio, decode frames/s on one thread, encode frames/s, PSNR for lossy
 codecs. Also: frames/s of `ReplayBuffer.read` on random frame indices from a buffer on disk
 (chunk fetch + decode, the streaming loader's path), per codec.
@@ -81,6 +82,7 @@ def codecs() -> dict[str, tuple[Callable[[np.ndarray], bytes], Callable[[bytes],
         "raw+blosc": (lambda f: bytes(blosc.encode(f)), lambda b: np.frombuffer(blosc.decode(b), np.uint8).reshape(shape)),
         "png": (lambda f: encode_frame(f, "png", PNG_LEVEL), lambda b: decode_frame(b, "png")),
         "jpeg95": (lambda f: encode_frame(f, "jpeg", 95), lambda b: decode_frame(b, "jpeg")),
+        "jpeg95-420": (lambda f: encode_frame(f, "jpeg", 95, "420"), lambda b: decode_frame(b, "jpeg")),
         "jpeg80": (lambda f: encode_frame(f, "jpeg", 80), lambda b: decode_frame(b, "jpeg")),
     }
 
