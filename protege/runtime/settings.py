@@ -34,6 +34,9 @@ class RunnerSettings:
     # s: a camera frame older than this (capture time vs the robot's clock) is not acted on: no policy
     # request from it (held steps counted as stale_frames); a camera that stops delivering trips the watchdog
     max_frame_age: float = 0.25
+    # False: Python's cyclic garbage collector is paused inside episodes (objects from before the run are
+    # frozen, young ones collected between episodes); a collection inside a tick delays it (bench_runtime.py)
+    gc_in_episodes: bool = False
     rt_priority: int = 50  # SCHED_FIFO priority of the control loop thread (Linux; 0: off; needs root or CAP_SYS_NICE)
 
 
