@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from protege.errors import ConfigError
-from protege.hardware.base import JointCommand, Limits, MonotonicClock, Observation, RobotError
+from protege.hardware.base import JointCommand, Limits, MonotonicClock, Observation, RobotError, single_arm_features
 from protege.hardware.cameras import CameraError, CameraSet
 from protege.hardware.panda import ACC_LIMITS, VEL_LIMITS, PandaKinematics
 
@@ -86,6 +86,7 @@ class FrankaRobot:
         lower = np.maximum(lo + JOINT_OFFSET, self.kinematics.lower)
         upper = np.minimum(hi + JOINT_OFFSET, self.kinematics.upper)
         self.limits = Limits.panda(lower, upper, **(limits or {}))
+        self.features = single_arm_features(7, cartesian=True)
         self.clock = MonotonicClock()
         self.camera_set = CameraSet(cameras or {})  # started in connect(), after the arm
         self.cameras = self.camera_set.names()
@@ -137,7 +138,7 @@ class FrankaRobot:
         pos, quat = self.kinematics.fk(q)
         images, stamps = self.camera_set.read()
         return Observation(t=t, joint_pos=q, joint_vel=dq, ee_pos=pos, ee_quat=quat, gripper=np.array([self._gripper_width]),
-                           images=images, image_t=stamps)
+                           images=images, image_t=stamps, features=self.features)
 
     def command(self, cmd: JointCommand) -> None:
         self._check()
@@ -148,9 +149,10 @@ class FrankaRobot:
             self._shm[_GOAL] = np.asarray(cmd.q, float).tolist()
             self._shm[_SEQ] = self._seq
         sent = self._gripper_sent if self._gripper_proc is not None else None
-        if self._gripper_proc is not None and (sent is None or abs(cmd.gripper - sent) > 2e-3):
-            self._gripper_requests.put(float(cmd.gripper))  # moves > 2 mm only: each move blocks the gripper
-            self._gripper_sent = float(cmd.gripper)
+        width = float(np.asarray(cmd.gripper).reshape(-1)[0])  # one gripper (features: arm_gripper)
+        if self._gripper_proc is not None and (sent is None or abs(width - sent) > 2e-3):
+            self._gripper_requests.put(width)  # moves > 2 mm only: each move blocks the gripper
+            self._gripper_sent = width
 
     def stop(self) -> None:
         """Brake to rest, finish the motion, end the loop. Safe to call twice or after a lost connection."""
