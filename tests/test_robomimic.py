@@ -81,6 +81,27 @@ def test_env_args_naming_an_unknown_env_name_it_and_the_file(tmp_path, capsys):
     assert str(buf) in str(e.value)
 
 
+def test_env_args_of_a_robosuite_1_2_dataset(tmp_path):
+    """robomimic's original datasets (robosuite 1.2) store one arm's OSC_POSE config, not robosuite
+    1.5's composite one: the env still comes up with that controller."""
+    from protege.envs.robomimic import RobomimicEnv
+
+    osc = {"type": "OSC_POSE", "input_max": 1, "input_min": -1, "output_max": [0.05, 0.05, 0.05, 0.5, 0.5, 0.5],
+           "output_min": [-0.05, -0.05, -0.05, -0.5, -0.5, -0.5], "kp": 150, "damping_ratio": 1, "impedance_mode": "fixed",
+           "kp_limits": [0, 300], "damping_ratio_limits": [0, 10], "position_limits": None, "orientation_limits": None,
+           "uncouple_pos_ori": True, "control_delta": True, "interpolation": None, "ramp_ratio": 0.2}
+    env_args = {"env_name": "Lift", "type": 1, "env_kwargs": {
+        "has_renderer": False, "has_offscreen_renderer": False, "ignore_done": True, "use_object_obs": True,
+        "use_camera_obs": False, "control_freq": 20, "controller_configs": osc, "robots": ["Panda"],
+        "camera_depths": False, "camera_heights": 84, "camera_widths": 84, "reward_shaping": False}}
+    env = RobomimicEnv(env_args=env_args, max_episode_steps=3)
+    assert type(env.rm_env.env.robots[0].part_controllers["right"]).__name__ == "OperationalSpaceController"
+    obs, _ = env.reset(seed=1)
+    obs, _, _, _, info = env.step(np.zeros(7))
+    assert obs["object"].shape == (10,) and info["success"] is False
+    env.close()
+
+
 def test_toolkit_works_without_robosuite(tmp_path):
     """robosuite/robomimic hidden: protege imports, lists the robomimic tasks, and asking for one
     says what to install."""
@@ -95,3 +116,19 @@ def test_toolkit_works_without_robosuite(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and "robomimic_lift" in r.stdout, r.stderr
     assert "pip install robosuite" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_diffusion_policy_lifts_the_cube_from_scripted_demos(tmp_path):
+    """Reduced Lift learning run (the full one: scripts/experiments/robomimic_dp.py): a small state
+    Diffusion Policy from 20 scripted demos must lift the cube in most of 10 robosuite episodes."""
+    from helpers import train_config
+
+    from protege.training.trainer import train
+
+    cfg = train_config(tmp_path, "task=robomimic_lift", "policy=diffusion", "policy.down_dims=[32,64]",
+                       "policy.step_embed_dim=32", "task.n_demos=20", f"task.dataset={tmp_path / 'lift.zarr'}",
+                       "train.steps=600", "train.batch_size=128", "eval.n_episodes=10", "eval.n_envs=10",
+                       "task.env.max_episode_steps=80")
+    result = train(cfg, progress=False)
+    assert result["eval"]["success_rate"] >= 0.7, result["eval"]

@@ -110,6 +110,12 @@ class RobomimicEnv(gym.Env):
         if self.cameras:
             kwargs.update(camera_names=list(self.cameras), camera_heights=image_size, camera_widths=image_size)
         kwargs.pop("has_renderer", None)  # robomimic sets the renderer flags from its own arguments
+        if kwargs.get("controller_configs"):  # datasets recorded with robosuite <= 1.4 hold one arm's config
+            from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
+
+            robot = kwargs.get("robots", "Panda")
+            robot = robot[0] if isinstance(robot, list) else robot
+            kwargs["controller_configs"] = refactor_composite_controller_config(kwargs["controller_configs"], robot, ["right"])
         image_keys = [f"{c}_image" for c in self.cameras]
         obs_utils.initialize_obs_utils_with_obs_specs({"obs": {"low_dim": [], "rgb": image_keys}})  # global registry
         self.rm_env = env_utils.create_env_from_metadata(env_meta=env_args, render=False,
