@@ -118,7 +118,9 @@ def compose(config_name: str, overrides: list[str]) -> Any:
 
     from protege.errors import ConfigError
     from protege import CONFIG_DIR
+    from protege.runtime.settings import register_configs
 
+    register_configs()  # runner/default comes from RunnerSettings, not a yaml
     overrides = _expand_task(overrides)
     for o in overrides:
         key, eq, value = o.partition("=")
@@ -189,23 +191,45 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
+def _dash_options(args: list[str], names: dict[str, str]) -> list[str]:
+    """`--image-codec png` / `--image-codec=png` -> the hydra override `image_codec=png`, so jobs
+    take the same options as `protege convert`."""
+    out, it = [], iter(args)
+    for a in it:
+        flag, eq, value = a.partition("=")
+        if flag in names:
+            if not eq:
+                value = next(it, None)
+                if value is None:
+                    from protege.errors import ConfigError
+
+                    raise ConfigError(f"{flag}: expected a value")
+            out.append(f"{names[flag]}={value}")
+        else:
+            out.append(a)
+    return out
+
+
 def cmd_collect(args: list[str]) -> int:
-    """collect task=<name> n_episodes=N out=<buffer>
-    scripted-expert demonstrations -> replay buffer (resumable)."""
+    """collect task=<name> n_episodes=N out=<buffer> [--image-codec jpeg[:Q]|png|raw] [--resize HxW]
+    scripted-expert demonstrations -> replay buffer (resumable); camera frames stored as jpeg:95 by default."""
     from omegaconf import OmegaConf
 
     from protege.envs.collect import collect
 
-    cfg = compose("collect", args)
+    from protege.datasets.frames import ImageStorage
+
+    cfg = compose("collect", _dash_options(args, {"--image-codec": "image_codec", "--resize": "resize"}))
+    storage = ImageStorage.parse(cfg.image_codec, cfg.resize)
     buf = collect(cfg.task.env_id, OmegaConf.to_container(cfg.task.env, resolve=True), int(cfg.n_episodes), cfg.out,
-                  fps=cfg.task.fps, seed=int(cfg.seed), only_success=cfg.only_success)
+                  fps=cfg.task.fps, seed=int(cfg.seed), only_success=cfg.only_success, image_storage=storage)
     print(buf.summary())
     return 0
 
 
 def cmd_inspect(args: list[str]) -> int:
     """inspect <buffer>
-    episodes, keys, shapes, dtypes, fps of a replay buffer."""
+    episodes, keys, shapes, dtypes, fps, frame codec, instructions (with step counts) and robomimic filter keys."""
     from protege.datasets.replay_buffer import ReplayBuffer
     from protege.errors import ConfigError
 
@@ -216,7 +240,7 @@ def cmd_inspect(args: list[str]) -> int:
 
 
 def cmd_convert(args: list[str]) -> int:
-    """convert <src> <out> [--format F] [--to F]
+    """convert <src> <out> [--format F] [--to F] [--image-codec jpeg[:Q]|png|raw] [--resize HxW]
     dataset -> replay buffer (resumable); --to exports a replay buffer to another format."""
     import argparse
 
@@ -232,6 +256,8 @@ def cmd_convert(args: list[str]) -> int:
     p.add_argument("--to", choices=["protege", *EXPORT_NAMES], default="protege", help="output format")
     p.add_argument("--fps", type=float, help="control rate, when the source does not record it")
     p.add_argument("--map", action="append", default=[], metavar="KEY=SRC", help="npz: buffer key = npz key (repeatable)")
+    p.add_argument("--image-codec", metavar="jpeg[:Q]|png|raw", help="how camera frames are stored (default jpeg:95)")
+    p.add_argument("--resize", metavar="HxW", help="resize camera frames when writing, e.g. 240x320")
     try:
         a = p.parse_args(args)
     except SystemExit as e:
@@ -248,7 +274,10 @@ def cmd_convert(args: list[str]) -> int:
         options["fps"] = a.fps
     if a.map:
         options["key_map"] = dict(m.split("=", 1) for m in a.map)
-    print(convert(a.src, a.out, a.format, **options).summary())
+    from protege.datasets.frames import ImageStorage
+
+    storage = ImageStorage.parse(a.image_codec, a.resize)
+    print(convert(a.src, a.out, a.format, image_storage=storage, **options).summary())
     return 0
 
 
@@ -311,6 +340,11 @@ def _config_help(config_name: str, section: str | None = None) -> str:
     for entry in cfg.get("defaults", []):
         if OmegaConf.is_dict(entry):  # `- group: default` (not `- _self_`)
             ((group, default),) = entry.items()
+            if not config_choices(group):  # a group registered in code (runner: RunnerSettings), no yamls
+                node = compose(config_name, [])[group]
+                out.append(f"{group} options ({group}.key=value):\n" + "\n".join(
+                    f"  {group}.{k}={v}" for k, v in _flat(OmegaConf.to_container(node))))
+                continue
             fixed = " (set by the checkpoint; override its keys, e.g. policy.num_inference_steps=1)" if section else ""
             out.append(f"{group}=<choice> (default {default}){fixed}:\n{_group_choices(group)}")
     body = OmegaConf.masked_copy(cfg, [section]) if section else cfg

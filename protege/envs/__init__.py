@@ -79,6 +79,23 @@ def make_env(env_id: str, **kwargs: Any) -> gym.Env:
     return _load(spec.module, spec.env)(**spec.kwargs, **kwargs)
 
 
+def _franka_task(env: dict[str, Any]) -> Any:
+    from protege.envs.franka import make_task
+
+    return make_task(env.get("task", "reach"))
+
+
+# env id -> factory(env config) of the task a `protege run` robot executes: scene reset + success check
+HARDWARE_TASKS: dict[str, Callable[[dict[str, Any]], Any]] = {"franka": _franka_task}
+
+
+def make_hardware_task(env_id: str, env: dict[str, Any]) -> Any:
+    """The hardware task of an env (`reset(robot, rng)`, `success(obs)`, `state_keys`,
+    `max_episode_steps`), or None when the env has none (the runner then needs runner.state_keys)."""
+    factory = HARDWARE_TASKS.get(env_id)
+    return factory(env) if factory is not None else None
+
+
 def make_expert(env_id: str, env: gym.Env, seed: int | None = None) -> Expert:
     spec = _spec(env_id)
     if spec.expert is None:

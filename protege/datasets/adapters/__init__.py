@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from protege.datasets.frames import ImageStorage
 from protege.datasets.replay_buffer import ReplayBuffer
 from protege.errors import DataError
 
@@ -65,10 +66,12 @@ def open_reader(src: str | Path, fmt: str | None = None, **options: Any) -> Any:
     return format_module(fmt, src).Reader(Path(src), **options)
 
 
-def convert(src: str | Path, out: str | Path, fmt: str | None = None, progress: bool = True, **options: Any) -> ReplayBuffer:
-    """Convert `src` into the replay buffer `out`; rerunning after an interruption finishes the job."""
+def convert(src: str | Path, out: str | Path, fmt: str | None = None, progress: bool = True,
+            image_storage: ImageStorage | None = None, **options: Any) -> ReplayBuffer:
+    """Convert `src` into the replay buffer `out`; rerunning after an interruption finishes the job.
+    `image_storage`: how camera frames are stored (default JPEG quality 95, original size)."""
     reader = open_reader(src, fmt, **options)
-    buf = ReplayBuffer.open_or_create(str(out), fps=reader.fps, attrs=reader.attrs)
+    buf = ReplayBuffer.open_or_create(str(out), fps=reader.fps, attrs=reader.attrs, image_storage=image_storage)
     if buf.n_episodes:  # resuming: the output must come from the same source
         theirs, ours = buf.attrs.get("provenance", {}), reader.attrs["provenance"]
         if (theirs.get("source"), theirs.get("adapter")) != (ours["source"], ours["adapter"]):
