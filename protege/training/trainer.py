@@ -52,6 +52,8 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 
 
 def dataset_path(cfg: DictConfig) -> Path:
+    if not (cfg.dataset or cfg.task.dataset):
+        raise ConfigError(f"task {cfg.task.name} has no default dataset; pass dataset=<replay buffer>")
     return Path(cfg.dataset or cfg.task.dataset)
 
 
