@@ -6,6 +6,7 @@ A policy is an `nn.Module` that owns its `Normalizer`, so a checkpoint is self-c
   step, given raw observations `{key: (B, n_obs_steps, ...)}`;
 - `reset()` clears any per-episode state;
 - `on_train_step()` runs after every optimizer step (e.g. ACT-JEPA's EMA target encoder);
+- `accelerate(cache_dir, runtime)` compiles inference with an exported runtime (Diffusion Policy's DDIM loop);
 - `horizon_obs_keys`: observation keys the sampler gathers over the whole `horizon` instead of the
   first `n_obs_steps` steps, for policies that learn from future observations (ACT-JEPA).
 
@@ -98,6 +99,11 @@ class Policy(nn.Module):
 
     def on_train_step(self) -> None:
         """Called by the trainer after each optimizer step (nothing by default)."""
+
+    def accelerate(self, cache_dir: str | Path, runtime: str = "auto") -> str:
+        """Compile the inference path with an inference runtime (`policies/export.py`), caching the
+        artefact in `cache_dir`; returns the runtime in use. Nothing to compile by default."""
+        return "eager"
 
     def optim_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; override for per-module learning rates (e.g. ACT's backbone)."""

@@ -517,7 +517,7 @@ def run_checkpoint(cfg: Any) -> dict[str, Any]:
         raise ConfigError("protege run: expected checkpoint=<checkpoint or run dir>")
     ckpt_dir = ckpt.resolve_checkpoint(cfg.checkpoint)
     train_cfg = ckpt.load_config(ckpt_dir)
-    policy = ckpt.load_policy(ckpt_dir, train_cfg, device=cfg.device)
+    policy = ckpt.load_policy(ckpt_dir, train_cfg, device=cfg.device, runtime=cfg.runner.get("runtime", "auto"))
     env = OmegaConf.to_container(train_cfg.task.get("env", {}), resolve=True)
     task = None
     if train_cfg.task.env_id == "franka":
@@ -532,6 +532,7 @@ def run_checkpoint(cfg: Any) -> dict[str, Any]:
     robot = build_robot(cfg.hardware, cameras, int(env.get("image_size", 96)))
     fields = OmegaConf.to_container(cfg.runner, resolve=True)
     fields.pop("state_keys", None)
+    fields.pop("runtime", None)  # used when loading the policy
     settings = RunnerSettings(**fields)
     settings.rate_hz = settings.rate_hz or float(env.get("control_hz", train_cfg.task.fps))
     settings.instruction = settings.instruction or env.get("instruction")  # a language task's own instruction
