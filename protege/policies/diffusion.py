@@ -23,6 +23,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from protege.policies.base import Policy, ShapeMeta
 from protege.policies.export import ExportedFunction, export_function
+from protege.policies.guidance import ChunkGuide, guided_eps
 from protege.policies.nets.unet1d import ConditionalUnet1D
 from protege.policies.nets.vision import CameraEncoders
 
@@ -31,6 +32,7 @@ log = logging.getLogger("protege.policies")
 
 
 class DiffusionPolicy(Policy):
+    supports_guide = True
     def __init__(
         self,
         shape_meta: ShapeMeta,
@@ -93,25 +95,34 @@ class DiffusionPolicy(Policy):
         return {"loss": F.mse_loss(pred, target)}
 
     @torch.no_grad()
-    def predict_action(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def predict_action(self, obs: Mapping[str, torch.Tensor], guide: ChunkGuide | None = None) -> torch.Tensor:
+        """`guide`: real-time chunking (`policies/guidance.py`): sample the chunk inpainting the
+        previous chunk's remaining actions (guided DDIM, eager PyTorch)."""
         cond = self.condition(obs)
-        noise = torch.randn(cond.shape[0], self.horizon, self.action_dim, device=cond.device, dtype=cond.dtype)
-        x = self.denoise(noise, cond)
-        return self.action_slice(self.normalizer.unnormalize(self.action_key, x))
+        B = cond.shape[0]
+        noise = torch.randn(B, self.horizon, self.action_dim, device=cond.device, dtype=cond.dtype)
+        inpaint = None if guide is None else (*self.guide_tensors(guide, B, self.horizon, self.n_obs_steps - 1), guide.max_weight)
+        x = self.denoise(noise, cond, inpaint=inpaint)
+        actions = self.action_slice(self.normalizer.unnormalize(self.action_key, x))
+        return actions if guide is None else self.keep_frozen(actions, guide)
 
-    def denoise(self, x: torch.Tensor, cond: torch.Tensor, timesteps: Sequence[int] | None = None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, cond: torch.Tensor, timesteps: Sequence[int] | None = None,
+                inpaint: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
         """The sampling loop: Gaussian noise (B, T, A) + condition (B, G) -> normalised actions (B, T, A).
 
         `timesteps` (default: the inference scheduler's) are Python ints, so the scheduler's branches
-        on them are fixed when the loop is traced for export (`policies/export.py`)."""
+        on them are fixed when the loop is traced for export (`policies/export.py`). `inpaint`
+        (targets y, weights w, β) guides every step toward y (`guidance.guided_eps`)."""
         sched = self.inference_scheduler
         if timesteps is None:
             timesteps = self.inference_timesteps()
-            if self._exported is not None and self._exported[0] == timesteps and x.device.type == "cpu":
+            if inpaint is None and self._exported is not None and self._exported[0] == timesteps and x.device.type == "cpu":
                 return self._exported[1](x, cond).to(x.dtype)
         films = self.unet.films_per_step(torch.tensor(timesteps, device=cond.device), cond)  # all steps in one pass
         for k, t in enumerate(timesteps):
-            x = sched.step(self.unet(x, None, cond, films=films[k]), t, x).prev_sample
+            net = lambda xk, k=k: self.unet(xk, None, cond, films=films[k])  # noqa: E731
+            eps = net(x) if inpaint is None else guided_eps(net, x, float(sched.alphas_cumprod[t]), *inpaint)
+            x = sched.step(eps, t, x).prev_sample
         return x
 
     def accelerate(self, cache_dir: str | Path, runtime: str = "auto") -> str:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,8 @@ def export_function(
 
 def _build_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], path: Path) -> None:
     axes = {n: {0: "batch"} for n in [*names, "output"]}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on constants (the fixed timesteps) and the exporter's deprecation
         torch.onnx.export(module, inputs, str(path), dynamo=False, input_names=names, output_names=["output"],
                           dynamic_axes=axes, opset_version=18)
 

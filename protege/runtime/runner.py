@@ -56,6 +56,8 @@ class RunnerSettings:
     n_episodes: int = 1
     max_steps: int | None = None  # per episode; default: the task's max_episode_steps
     temporal_ensemble: float | None | str = "policy"  # "policy": the policy's attribute; None: chunks; m: ensembling
+    chunk_join: str | None = None  # switch | ensemble | rtc (real-time chunking); None: from temporal_ensemble
+    execute_steps: int | None = None  # request the next chunk after this many steps of the current one (None: when it runs out)
     inference_budget: float = 0.5  # fraction of a period the loop may wait for inference inside a tick
     watchdog_timeout: float = 1.0  # s without a fresh action -> stop
     seed: int = 100_000  # episode k resets the (simulated) scene with seed + k, as `protege eval` does
@@ -87,24 +89,26 @@ class _Stop(Exception):
         self.status, self.message = status, message
 
 
-def _predict(policy: Any, device: torch.device, obs: dict[str, Any]) -> np.ndarray:
+def _predict(policy: Any, device: torch.device, obs: dict[str, Any], guide: Any = None) -> np.ndarray:
     with torch.no_grad():  # arrays become a batch of 1; the instruction text a list of 1 string
         batch = {k: [v] if isinstance(v, str) else torch.from_numpy(v[None]).to(device) for k, v in obs.items()}
-        return policy.predict_action(batch)[0].float().cpu().numpy()
+        out = policy.predict_action(batch) if guide is None else policy.predict_action(batch, guide=guide)
+        return out[0].float().cpu().numpy()
 
 
 def _serve(policy: Any, device: torch.device, requests: Any, results: Any) -> None:
     """The inference loop (a thread, or the body of the inference process): requests (step, obs) ->
-    results (step, chunk | None, latency s, error text | None); None ends it."""
+    results (step, chunk | None, latency s, error text | None); None ends it. A request may carry a
+    real-time-chunking guide (step, obs, guide)."""
     results.put("ready")
     while True:
         item = requests.get()
         if item is None:
             return
-        step, obs = item
+        step, obs, guide = item
         t0 = time.perf_counter()
         try:
-            chunk = _predict(policy, device, obs)
+            chunk = _predict(policy, device, obs, guide)
             results.put((step, chunk, time.perf_counter() - t0, None))
         except BaseException as e:  # noqa: BLE001 - reported to the control loop, which stops safely
             results.put((step, None, time.perf_counter() - t0, f"{type(e).__name__}: {e}"))
@@ -153,9 +157,9 @@ class InferenceWorker:
             self.close()
             raise RuntimeError(f"the inference {mode} did not start within {start_timeout:g} s")
 
-    def submit(self, step: int, obs: dict[str, np.ndarray]) -> None:
+    def submit(self, step: int, obs: dict[str, np.ndarray], guide: Any = None) -> None:
         self.busy = True
-        self.requests.put((step, obs))
+        self.requests.put((step, obs, guide))
 
     def get(self, timeout: float | None) -> tuple | None:
         """A finished result, waiting up to `timeout` s (0: poll; None: wait for it)."""
@@ -218,6 +222,9 @@ class Runner:
         self.period = 1.0 / float(rate)
         te = self.s.temporal_ensemble
         self.temporal_ensemble = getattr(policy, "temporal_ensemble", None) if te == "policy" else te
+        if self.s.chunk_join == "rtc" and not getattr(policy, "supports_guide", False):
+            raise ConfigError(f"runner.chunk_join=rtc needs a diffusion or flow policy (guided sampling); "
+                              f"{type(policy).__name__} has none")
         self.action_space = make_action_space(action_space)
         self.safety = SafetyLayer(robot.limits, self.period)
         self.max_steps = self.s.max_steps or (task.max_episode_steps if task is not None else None)
@@ -296,7 +303,7 @@ class Runner:
             self.task.reset(robot, np.random.default_rng(self.s.seed + ep))
         controller = Controller(robot.kinematics, self.action_space, self.safety)
         controller.reset()
-        executor = make_executor(self.temporal_ensemble)
+        executor = make_executor(self.temporal_ensemble, self.s.chunk_join, self.s.execute_steps)
         self.policy.reset()
         rec: dict[str, list] = {}
         result = {"episode": ep, "seed": self.s.seed + ep, "success": False, "length": 0}
@@ -346,8 +353,9 @@ class Runner:
                 # inference: collect, then request the next chunk early enough for the measured latency
                 self._add(worker.get(0), executor, step)
                 lead = self._lead() if realtime else 0
-                if pobs is not None and not worker.busy and executor.needs_chunk(step + lead):
-                    worker.submit(step, self._window(history))
+                if pobs is not None and not worker.busy and executor.wants_chunk(step + lead):
+                    # rtc: the `lead` actions run before the chunk can arrive are frozen in it
+                    worker.submit(step, self._window(history), executor.guide(step, lead))
                 if worker.busy and executor.needs_chunk(step):
                     wait = None if not realtime else max(0.0, t_next + self.s.inference_budget * self.period - clock.now())
                     self._add(worker.get(wait), executor, step)
@@ -442,7 +450,7 @@ class Runner:
         report = {
             "status": status, "exit_code": EXIT_CODES.get(status, 1), "message": message,
             "robot": self.robot.name, "realtime": realtime, "rate_hz": 1.0 / self.period,
-            "temporal_ensemble": self.temporal_ensemble,
+            "temporal_ensemble": self.temporal_ensemble, "chunk_join": self.s.chunk_join,
             "episodes": self.episodes,
             "success_rate": float(np.mean(succ)) if succ and self.task is not None else None,
             "ticks": ticks,
