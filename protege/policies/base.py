@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from protege import CONFIG_DIR  # noqa: F401 - re-exported: callers import it from here
 from protege.datasets.normalizer import Normalizer
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # shape_meta: {key: {"shape": [...], "kind": "state"|"action"|"image"|...}}, from the replay buffer;
 # a "language" key (`task`, int indices) also carries "tasks": the instruction strings of attrs["tasks"].
@@ -159,7 +159,6 @@ class Policy(nn.Module):
         """The executable chunk of a predicted horizon: from the current step, n_action_steps long."""
         start = self.n_obs_steps - 1
         return actions[:, start : start + self.n_action_steps]
-
 
     def guide_tensors(self, guide: Any, batch: int, length: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A `ChunkGuide` in the sampler's space: normalised targets y (B, length, A) and weights

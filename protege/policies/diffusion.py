@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from protege.policies.base import Policy, ShapeMeta
 from protege.policies.export import ExportedFunction, export_function
-from protege.policies.guidance import ChunkGuide, guided_eps
+from protege.policies.guidance import ChunkGuide, guided_eps, guided_step
 from protege.policies.nets.unet1d import ConditionalUnet1D
 from protege.policies.nets.vision import CameraEncoders
 
@@ -121,8 +121,10 @@ class DiffusionPolicy(Policy):
         films = self.unet.films_per_step(torch.tensor(timesteps, device=cond.device), cond)  # all steps in one pass
         for k, t in enumerate(timesteps):
             net = lambda xk, k=k: self.unet(xk, None, cond, films=films[k])  # noqa: E731
-            eps = net(x) if inpaint is None else guided_eps(net, x, float(sched.alphas_cumprod[t]), *inpaint)
-            x = sched.step(eps, t, x).prev_sample
+            if inpaint is None:
+                x = sched.step(net(x), t, x).prev_sample
+            else:
+                x = guided_step(sched, guided_eps(net, x, float(sched.alphas_cumprod[t]), *inpaint), t, x)
         return x
 
     def accelerate(self, cache_dir: str | Path, runtime: str = "auto") -> str:

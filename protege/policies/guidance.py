@@ -19,9 +19,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
 
 
 @dataclass
@@ -76,6 +78,15 @@ def guided_eps(eps_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
 
     _, g = guidance_gradient(x, x0_fn, y, w)
     return out["eps"].detach() - math.sqrt(1 - alpha_bar) * clipped_weight(1 - alpha_bar, beta) * g
+
+
+def guided_step(sched: Any, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+    """A diffusers DDIM/DDPM step with a guided ε. DDIM re-derives ε from the clipped x̂0: with
+    `clip_sample` the guided x̂0 is clamped to [-1, 1], and stepping along the unclipped ε would
+    push the sample away from the target by the clipped-off part of the guidance."""
+    if isinstance(sched, DDIMScheduler):
+        return sched.step(eps, t, x, use_clipped_model_output=True).prev_sample
+    return sched.step(eps, t, x).prev_sample
 
 
 def guided_velocity(v_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, t: float,
