@@ -179,7 +179,7 @@ def cmd_eval(args: list[str]) -> int:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in kv.items()]))
     except Exception as e:  # noqa: BLE001 - omegaconf raises several types for bad dotlists
         raise ConfigError(f"protege eval: bad override: {e}") from e
-    policy = ckpt.load_policy(ckpt_dir, cfg, device=select_device(cfg.device))
+    policy = ckpt.load_policy(ckpt_dir, cfg, device=select_device(cfg.device), runtime=cfg.eval.get("runtime", "auto"))
     # a checkpoint under <run>/checkpoints/step_N reports into <run>; a loose checkpoint into itself
     run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
     out_json = Path(out) if out else run_dir / "eval.json"

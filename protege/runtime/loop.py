@@ -141,6 +141,9 @@ class Runner:
         self.period = 1.0 / float(rate)
         te = self.s.temporal_ensemble
         self.temporal_ensemble = getattr(policy, "temporal_ensemble", None) if te == "policy" else te
+        if self.s.chunk_join == "rtc" and not getattr(policy, "supports_guide", False):
+            raise ConfigError(f"runner.chunk_join=rtc needs a diffusion or flow policy (guided sampling); "
+                              f"{type(policy).__name__} has none")
         self.action_space = make_action_space(action_space, robot.features)
         self.safety = SafetyLayer(robot.limits, self.period)
         self.max_steps = self.s.max_steps or (task.max_episode_steps if task is not None else None)
@@ -223,7 +226,7 @@ class Runner:
             if stop_error and status == "completed":
                 status, message = "robot_error", stop_error
         report = build_report(status, message, self.stats, self.robot, 1.0 / self.period, self.episodes,
-                              self.task is not None, temporal_ensemble=self.temporal_ensemble,
+                              self.task is not None, temporal_ensemble=self.temporal_ensemble, chunk_join=self.s.chunk_join,
                               safety_interventions=dict(self.safety.counts), recording=self.recorder.path)
         if self.out_dir is not None:
             write_report(report, self.out_dir)
@@ -242,7 +245,7 @@ class Runner:
         robot = self.robot
         if self.task is not None and hasattr(robot, "reset_scene"):
             self.task.reset(robot, np.random.default_rng(self.s.seed + ep))
-        executor = make_executor(self.temporal_ensemble)
+        executor = make_executor(self.temporal_ensemble, self.s.chunk_join, self.s.execute_steps)
         self.policy.reset()
         result = {"episode": ep, "seed": self.s.seed + ep, "success": False, "length": 0}
         self.episodes.append(result)
@@ -311,8 +314,9 @@ class Runner:
             # before any in-episode call is measured, the first chunk's latency sets the lead (it
             # includes warm-up, so it errs early: a few more stale actions instead of a missed deadline)
             lead = request_lead(st.latency or st.first_latency, self.period, self.s.inference_budget) if realtime else 0
-            if pobs is not None and not worker.busy and executor.needs_chunk(step + lead):
-                worker.submit(step, self._window(history))
+            if pobs is not None and not worker.busy and executor.wants_chunk(step + lead):
+                # rtc: the `lead` actions executed before the chunk can arrive are frozen in it
+                worker.submit(step, self._window(history), executor.guide(step, lead))
             if worker.busy and executor.needs_chunk(step):
                 wait = None if not realtime else max(0.0, t_next + self.s.inference_budget * self.period - clock.now())
                 self._add(worker.get(wait), executor, step)

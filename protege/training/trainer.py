@@ -292,6 +292,8 @@ def run_eval(cfg: DictConfig, policy: Policy, out_json: Path, video: bool = True
             policy, env_fn, n_episodes=ecfg.n_episodes, n_envs=ecfg.n_envs, seed=ecfg.seed,
             video_path=out_json.with_suffix(".mp4") if video else None, video_episodes=ecfg.video_episodes,
             asynchronous=ecfg.asynchronous, progress=progress, temporal_ensemble=ecfg.get("temporal_ensemble", "policy"),
+            chunk_join=ecfg.get("chunk_join"), delay_steps=int(ecfg.get("delay_steps") or 0),
+            execute_steps=ecfg.get("execute_steps"),
         )
     summary["task"] = cfg.task.name
     summary["policy"] = cfg.policy.name
