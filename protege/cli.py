@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import shlex
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -107,6 +109,13 @@ def compose(config_name: str, overrides: list[str]) -> Any:
         raise ConfigError(f"config {config_name}.yaml: {str(e).splitlines()[0]}") from e
 
 
+def resume_command(args: list[str], run_dir: str) -> str:
+    """The `protege train` command that continues this run (under torchrun: the same launcher
+    with these arguments)."""
+    keep = [a for a in args if a.partition("=")[0] not in ("run_dir", "resume", "train.stop_at")]
+    return shlex.join(["protege", "train", *keep, f"run_dir={run_dir}", "resume=true"])
+
+
 def cmd_train(args: list[str]) -> int:
     from omegaconf import open_dict
 
@@ -119,6 +128,11 @@ def cmd_train(args: list[str]) -> int:
     result = train(cfg)
     print(f"run dir: {result['run_dir']}")
     print(f"checkpoint: {result['checkpoint']}")
+    if result["interrupted"]:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped at step {result['step']} ({signal.Signals(result['interrupted']).name}); continue with:\n"
+                  f"  {resume_command(args, result['run_dir'])}", flush=True)
+        return 128 + result["interrupted"]
     if "eval" in result:
         ev = result["eval"]
         if "video" in ev:
