@@ -210,9 +210,13 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
     stop_at = min(tcfg.steps, tcfg.stop_at or tcfg.steps)  # stop_at: end early (as if preempted); resume later
     interrupted = 0
+    wait_s: list[float] = []  # per step: time blocked on the data (the rest of step_s is compute)
+    step_s: list[float] = []
     while step < stop_at and not interrupted:
         policy.train()
+        t_step = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        wait_s.append(time.perf_counter() - t_step)
         with autocast():
             out = model(batch)
         loss = out["loss"]
@@ -229,7 +233,8 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
         step += 1
         position += stream.global_batch
         interrupted = agree_on_stop(stop.signum, world)
-        loss_value = loss.item()
+        loss_value = loss.item()  # also waits for the device: step_s covers the whole step
+        step_s.append(time.perf_counter() - t_step)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr or check the data")
         losses.append(loss_value)
@@ -244,6 +249,8 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
             writer.add_scalar("train/loss", loss_value, step)
             writer.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], step)
             writer.add_scalar("train/steps_per_s", tcfg.log_every / max(now - t_log, 1e-9), step)
+            recent = slice(-tcfg.log_every, None)
+            writer.add_scalar("train/data_wait_frac", sum(wait_s[recent]) / max(sum(step_s[recent]), 1e-9), step)
             if grad_norm is not None:
                 writer.add_scalar("train/grad_norm", float(grad_norm), step)
             for k, v in out.items():
@@ -261,7 +268,7 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
     stop.restore()
     result: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None, "losses": losses,
                               "train_time_s": time.perf_counter() - t0, "step": step, "interrupted": interrupted,
-                              "policy": policy}
+                              "policy": policy, "data_wait_s": wait_s, "step_s": step_s}
     if world > 1:
         torch.distributed.barrier()
     if is_main and cfg.eval.n_episodes > 0 and step == tcfg.steps and not interrupted:
