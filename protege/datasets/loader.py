@@ -93,21 +93,17 @@ def use_in_memory(setting: Any, nbytes: int, budget_gb: float) -> bool:
     raise ConfigError(f"train.data.in_memory: expected auto, true or false, found {setting!r}")
 
 
-class ZarrRows:
-    """Row reader over a zarr array: `rows[int_array]` reads only the chunks holding those rows
-    (each once, even when windows overlap) and decodes them; the sampler's gather indexes it like
-    a numpy array."""
+class StoreRows:
+    """Rows of one key read from the store on demand: `rows[int_array]` is `ReplayBuffer.read`
+    (only the chunks holding those steps, each frame decoded once even when windows overlap), so
+    the sampler's vectorised gather indexes it like a numpy array."""
 
-    def __init__(self, array: Any) -> None:
-        self.array = array
-        self.shape, self.dtype = tuple(array.shape), array.dtype
+    def __init__(self, buffer: ReplayBuffer, key: str) -> None:
+        self.buffer, self.key = buffer, key
+        self.shape, self.dtype = tuple(buffer[key].shape), buffer[key].dtype
 
     def __getitem__(self, idx: np.ndarray) -> np.ndarray:
-        idx = np.asarray(idx, dtype=np.int64)
-        if idx.size == 0:
-            return np.empty((0, *self.shape[1:]), self.dtype)
-        uniq, inverse = np.unique(idx, return_inverse=True)
-        return np.asarray(self.array.get_orthogonal_selection(uniq))[inverse]
+        return self.buffer.read(self.key, idx)
 
 
 def open_streaming(path: Any, keys: list[str]) -> ReplayBuffer:
@@ -115,7 +111,7 @@ def open_streaming(path: Any, keys: list[str]) -> ReplayBuffer:
     (state, action, language: small) are read into memory once."""
     src = ReplayBuffer.open(path, "r")
     n = src.n_steps
-    data = {k: ZarrRows(src[k]) if src.kinds.get(k) == "image" else np.asarray(src[k][:n]) for k in keys}
+    data = {k: StoreRows(src, k) if src.kinds.get(k) == "image" else src.read(k, slice(0, n)) for k in keys}
     return ReplayBuffer(data, src.episode_ends.copy(), src.attrs, group=None, path=src.path)
 
 
