@@ -11,6 +11,8 @@ import ctypes.util
 import importlib.abc
 import os
 import re
+import shlex
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -135,6 +137,13 @@ def compose(config_name: str, overrides: list[str]) -> Any:
         raise ConfigError(f"config {config_name}.yaml: {str(e).splitlines()[0]}") from e
 
 
+def resume_command(args: list[str], run_dir: str) -> str:
+    """The `protege train` command that continues this run (under torchrun: the same launcher
+    with these arguments)."""
+    keep = [a for a in args if a.partition("=")[0] not in ("run_dir", "resume", "train.stop_at")]
+    return shlex.join(["protege", "train", *keep, f"run_dir={run_dir}", "resume=true"])
+
+
 def cmd_train(args: list[str]) -> int:
     """train [overrides]
     train a policy (default: Diffusion Policy on Meta-World push-v3; collects the demos first if missing),
@@ -150,6 +159,11 @@ def cmd_train(args: list[str]) -> int:
     result = train(cfg)
     print(f"run dir: {result['run_dir']}")
     print(f"checkpoint: {result['checkpoint']}")
+    if result["interrupted"]:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped at step {result['step']} ({signal.Signals(result['interrupted']).name}); continue with:\n"
+                  f"  {resume_command(args, result['run_dir'])}", flush=True)
+        return 128 + result["interrupted"]
     if "eval" in result:
         ev = result["eval"]
         if "video" in ev:
