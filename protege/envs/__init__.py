@@ -20,11 +20,11 @@ class Expert(Protocol):
     def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
-def _pointmass(bimodal: bool) -> Callable[..., gym.Env]:
+def _pointmass(bimodal: bool, goal_in_state: bool = True) -> Callable[..., gym.Env]:
     def make(**kwargs: Any) -> gym.Env:
         from protege.envs.pointmass import PointMassEnv
 
-        return PointMassEnv(bimodal=bimodal, **kwargs)
+        return PointMassEnv(bimodal=bimodal, goal_in_state=goal_in_state, **kwargs)
 
     return make
 
@@ -66,6 +66,7 @@ ENVS: dict[str, Callable[..., gym.Env]] = {
     "franka": _franka,
     "pointmass": _pointmass(False),
     "pointmass_bimodal": _pointmass(True),
+    "pointmass_image_goal": _pointmass(False, goal_in_state=False),
     "metaworld": _metaworld,
     "aloha_transfer_cube": _aloha("transfer_cube"),
     "aloha_insertion": _aloha("insertion"),
