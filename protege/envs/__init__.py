@@ -53,6 +53,8 @@ class EnvSpec:
 ENVS: dict[str, EnvSpec] = {
     "pointmass": EnvSpec("protege.envs.pointmass", "PointMassEnv", "PointMassExpert", {"bimodal": False}),
     "pointmass_bimodal": EnvSpec("protege.envs.pointmass", "PointMassEnv", "PointMassExpert", {"bimodal": True}),
+    "pointmass_image_goal": EnvSpec("protege.envs.pointmass", "PointMassEnv", "PointMassExpert",
+                                    {"bimodal": False, "goal_in_state": False}),
     "pointmass_lang": EnvSpec("protege.envs.pointmass_lang", "LanguagePointMassEnv", "LanguagePointMassExpert"),
     "metaworld": EnvSpec("protege.envs.metaworld", "MetaWorldEnv", "MetaWorldExpert", variants=Variants(
         "metaworld", "env.task", r"^[a-z0-9-]+-v3$", "protege.envs.metaworld:task_names", "a Meta-World v3 name (task=door-open-v3)")),
