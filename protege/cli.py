@@ -25,8 +25,10 @@ commands:
   convert <src> <out> [--format F]          LeRobot v2.1/v3 / robomimic / ALOHA hdf5 / npz folder -> replay buffer
                                             (resumable); --to lerobot|robomimic exports a buffer
   validate <buffer>                         read every value: layout, lengths, finite numbers
-  run     checkpoint=<dir> hardware=<name>  drive a robot (mujoco, mujoco_fast, franka) with a policy at its
+  run     checkpoint=<dir> hardware=<name>  drive a robot (mujoco, mujoco_fast, franka, aloha_mujoco) with a policy at its
           [runner.key=value ...]            control rate; records every step; prints timing; exit code says how it ended
+  record  hardware=<name> teleop=<device>   teleoperated demonstrations (keyboard, spacemouse, replay) -> replay buffer
+          out=<buffer> [task=<name>]
 
 tasks: pointmass, pointmass_bimodal, pointmass_image, metaworld (push-v3), or any Meta-World v3 name (task=door-open-v3),
        aloha_transfer_cube, aloha_insertion (bimanual, camera `top`; *_state: state-only),
@@ -246,7 +248,26 @@ def cmd_run(args: list[str]) -> int:
     return int(report["exit_code"])
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "collect": cmd_collect, "inspect": cmd_inspect,
+def cmd_record(args: list[str]) -> int:
+    import logging
+
+    from protege.runtime.record import record_from_config
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("protege.runtime").setLevel(logging.INFO)
+    for o in args:
+        group, _, value = o.partition("=")
+        if group in ("hardware", "teleop") and value not in _options(group):
+            from protege.errors import ConfigError
+
+            raise ConfigError(f"unknown {group} {value!r}; expected one of {_options(group)}")
+    r = record_from_config(compose("record", args))
+    print(f"record: {r['saved']} episode(s) saved, {r['discarded']} discarded, {r['steps']} steps; "
+          f"{r['episodes_in_buffer']} episode(s) in {r['out']}; safety interventions: {r['safety_interventions'] or 'none'}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "record": cmd_record, "train": cmd_train, "eval": cmd_eval, "collect": cmd_collect, "inspect": cmd_inspect,
             "convert": cmd_convert, "validate": cmd_validate}
 
 

@@ -467,6 +467,7 @@ class AlohaHardwareTask:
         self.name, self.max_episode_steps = task, int(max_episode_steps)
         self.robot_options = {"scene": task}  # the robot must load this task's scene (its objects)
         self.robot: Any = None
+        self.max_stage = 0
 
     def reset(self, robot: Any, rng: np.random.Generator) -> None:
         if getattr(robot, "scene", None) != self.name:
