@@ -38,6 +38,7 @@ import gymnasium as gym
 import numpy as np
 
 from protege.errors import ConfigError
+from protege.hardware.cameras import close_renderer
 
 TASKS = ("transfer_cube", "insertion")
 CAMERAS = ("top", "angle", "left_wrist", "right_wrist", "left_pillar", "right_pillar", "front_close")
@@ -263,19 +264,8 @@ class AlohaEnv(gym.Env):
 
     def close(self) -> None:
         if self._renderer is not None:
-            _close_renderer(self._renderer)
+            close_renderer(self._renderer)
             self._renderer = None
-
-
-def _close_renderer(renderer: Any) -> None:
-    """mujoco.Renderer.close frees its GL objects after destroying its own context, i.e. in whichever
-    context is current: with several renderers in one process (a vector env) that can be another
-    env's, whose meshes then vanish. Free them in the renderer's own context first."""
-    if getattr(renderer, "_gl_context", None) is not None and getattr(renderer, "_mjr_context", None) is not None:
-        renderer._gl_context.make_current()
-        renderer._mjr_context.free()
-        renderer._mjr_context = None
-    renderer.close()
 
 
 def _make_renderer(model: Any, height: int, width: int) -> Any:
@@ -467,6 +457,7 @@ class AlohaHardwareTask:
         self.name, self.max_episode_steps = task, int(max_episode_steps)
         self.robot_options = {"scene": task}  # the robot must load this task's scene (its objects)
         self.robot: Any = None
+        self.max_stage = 0
 
     def reset(self, robot: Any, rng: np.random.Generator) -> None:
         if getattr(robot, "scene", None) != self.name:

@@ -200,7 +200,9 @@ class MonotonicClock:
 @runtime_checkable
 class Robot(Protocol):
     name: str
+    features: RobotFeatures  # what read() provides and how the arms / grippers are laid out
     limits: Limits
+    cameras: list[str]  # names of the attached cameras (hardware config `cameras:`), frames in read().images
     clock: MonotonicClock  # or a simulated clock with the same two methods and `realtime = False`
 
     def connect(self) -> None: ...

@@ -385,13 +385,24 @@ class MujocoCamera(ThreadedCamera):
 
     def _close(self) -> None:
         if not self.threaded and self._renderer is not None:
-            self._renderer.close()
+            close_renderer(self._renderer)
             self._renderer = None
 
     def _thread_exit(self) -> None:
         if self._renderer is not None:  # its GL context belongs to this thread: free it here
-            self._renderer.close()
+            close_renderer(self._renderer)
             self._renderer = None
+
+
+def close_renderer(renderer: Any) -> None:
+    """mujoco.Renderer.close frees its GL objects after destroying its own context, i.e. in whichever
+    context is current: with several renderers in one process (a vector env) that can be another
+    env's, whose meshes then vanish. Free them in the renderer's own context first."""
+    if getattr(renderer, "_gl_context", None) is not None and getattr(renderer, "_mjr_context", None) is not None:
+        renderer._gl_context.make_current()
+        renderer._mjr_context.free()
+        renderer._mjr_context = None
+    renderer.close()
 
 
 BACKENDS: dict[str, type] = {"opencv": OpenCVCamera, "realsense": RealSenseCamera, "replay": ReplayCamera,

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from protege.errors import ConfigError
-from protege.hardware.cameras import CameraSet
+from protege.hardware.cameras import CameraSet, close_renderer
 from protege.hardware.base import (Feature, JointCommand, Limits, MonotonicClock, Observation, RobotError,
                                    single_arm_features)
 from protege.hardware.panda import ARM_JOINTS, FINGER_JOINTS, HOME_Q, EE_SITE, GRIPPER_MAX, PandaKinematics, load_model
@@ -189,7 +189,7 @@ class MujocoRobot:
     def close(self) -> None:
         self.camera_set.stop()
         if self._renderer is not None:
-            self._renderer.close()
+            close_renderer(self._renderer)
             self._renderer = None
 
     # ------------------------------------------------------------------------------- simulation

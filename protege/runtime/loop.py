@@ -153,8 +153,8 @@ class Runner:
         attrs = {"provenance": {"source": "protege run", "robot": robot.name, **(provenance or {})},
                  "units": {"action": self.action_space.name},
                  **({"tasks": [self.s.instruction]} if self.language_keys else {})}
-        self.recorder = Recorder(self.out_dir, 1.0 / self.period, attrs, enabled=self.s.record,
-                                 image_storage=ImageStorage.parse(self.s.image_codec, self.s.resize))
+        self.recorder = Recorder(self.out_dir / "recording.zarr" if self.out_dir else None, 1.0 / self.period, attrs,
+                                 enabled=self.s.record, image_storage=ImageStorage.parse(self.s.image_codec, self.s.resize))
 
     # ------------------------------------------------------------------------------ observations
     def _observe(self, obs: Observation, now: float) -> tuple[dict[str, np.ndarray] | None, str]:
@@ -261,7 +261,7 @@ class Runner:
             if worker.busy:  # a request of the previous episode still in flight: its chunk belongs to that scene
                 worker.get(None)
             # first chunk synchronously (also warms the policy up): the loop starts with an action. Its
-            # latency (lazy init, caches) is kept out of the stats that set the request lead time.
+            # latency (lazy init, caches) is reported apart and only sets the lead until a call is measured.
             worker.submit(0, self._window(history))
             self._add(worker.get(None), executor, 0, first=True)
             self._ticks(ep, worker, executor, history, pobs, result)
