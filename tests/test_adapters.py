@@ -14,9 +14,13 @@ from helpers import train_config
 from protege.cli import main
 from protege.datasets.adapters import convert
 from protege.datasets.adapters.robomimic import export
+from protege.datasets.frames import ImageStorage
 from protege.datasets.replay_buffer import ReplayBuffer
 from protege.errors import DataError
 from protege.training.trainer import train
+
+
+RAW = ImageStorage.parse("raw")  # exact frames, for tests that compare values
 
 
 def make_robomimic(path, lengths=(5, 7, 4), image=(8, 8), names=None, seed=0, mutate=None):
@@ -70,7 +74,7 @@ def make_npz(folder, n=3, T=5, seed=0):
 
 def test_robomimic_import_keeps_order_values_and_metadata(tmp_path):
     src = make_robomimic(tmp_path / "lift.hdf5", lengths=(5, 7, 4), names=["demo_2", "demo_10", "demo_1"])
-    buf = convert(src, tmp_path / "out.zarr", progress=False)
+    buf = convert(src, tmp_path / "out.zarr", progress=False, image_storage=RAW)
     with h5py.File(src) as f:
         for i, demo in enumerate(["demo_1", "demo_2", "demo_10"]):  # robomimic's numeric demo order
             ep = buf.get_episode(i)
@@ -85,7 +89,7 @@ def test_robomimic_import_keeps_order_values_and_metadata(tmp_path):
 
 def test_aloha_import(tmp_path):
     src = make_aloha(tmp_path / "aloha", n=3, cams=("top", "left_wrist"))
-    buf = convert(src, tmp_path / "out.zarr", progress=False)
+    buf = convert(src, tmp_path / "out.zarr", progress=False, image_storage=RAW)
     assert buf.n_episodes == 3 and buf.fps == 50
     assert set(buf.keys()) == {"obs/state", "obs/qvel", "obs/top", "obs/left_wrist", "action"}
     with h5py.File(src / "episode_2.hdf5") as f:
@@ -101,9 +105,9 @@ def test_npz_import_with_key_map_and_natural_order(tmp_path):
 
 
 def test_round_trip_ours_robomimic_ours(tmp_path):
-    first = convert(make_robomimic(tmp_path / "a.hdf5"), tmp_path / "a.zarr", progress=False)
+    first = convert(make_robomimic(tmp_path / "a.hdf5"), tmp_path / "a.zarr", progress=False, image_storage=RAW)
     export(first, tmp_path / "b.hdf5", progress=False)
-    second = convert(tmp_path / "b.hdf5", tmp_path / "b.zarr", progress=False)
+    second = convert(tmp_path / "b.hdf5", tmp_path / "b.zarr", progress=False, image_storage=RAW)
     assert second.n_episodes == first.n_episodes and set(second.keys()) == set(first.keys())
     for i in range(first.n_episodes):
         a, b = first.get_episode(i), second.get_episode(i)

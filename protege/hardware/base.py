@@ -41,7 +41,8 @@ class RobotError(ProtegeError):
 @dataclass
 class Observation:
     """One reading of the robot. `t` is robot time in seconds (monotonic; simulated time in a
-    simulator). `images[cam]` is None when a camera delivered no frame. `extra` holds what only a
+    simulator). `images[cam]` is None when a camera delivered no frame; `image_t[cam]` is its capture
+    time on the robot's `clock` (the runner checks frame age against it). `extra` holds what only a
     simulator knows (object and goal positions), keyed by name."""
 
     t: float
@@ -51,6 +52,7 @@ class Observation:
     ee_quat: np.ndarray  # (4,) w, x, y, z
     gripper: np.ndarray  # (1,) opening width, m
     images: dict[str, np.ndarray | None] = field(default_factory=dict)
+    image_t: dict[str, float | None] = field(default_factory=dict)  # capture time of each image, on the robot's clock
     extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def get(self, name: str) -> np.ndarray:

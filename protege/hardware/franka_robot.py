@@ -34,12 +34,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from protege.errors import ConfigError
 from protege.hardware.base import JointCommand, Limits, MonotonicClock, Observation, RobotError
+from protege.hardware.cameras import CameraError, CameraSet
 from protege.hardware.interpolation import JerkLimitedInterpolator, JointLimits
 from protege.hardware.panda import FRANKA_SPECS, PandaKinematics
 
@@ -66,8 +68,8 @@ class FrankaRobot:
         model: str = "fr3",
         gripper: bool = True,
         realtime_config: str = "enforce",
-        cameras: tuple[str, ...] | list[str] = (),
-        image_size: int = 96,
+        cameras: Mapping[str, Any] | tuple[str, ...] | list[str] = (),
+        image_size: int | list[int] = 96,
         limits: dict[str, Any] | None = None,
         max_recoveries: int = 3,
         gripper_speed: float = 0.1,
@@ -80,9 +82,9 @@ class FrankaRobot:
         limit_scale: float = 0.9,
         stale_after: float = 0.5,
     ) -> None:
-        if cameras:
-            raise ConfigError(f"franka robot: cameras {list(cameras)} requested, but this backend has no camera "
-                              "drivers; attach them to the robot class or train a state-only policy")
+        if cameras and not isinstance(cameras, Mapping):
+            raise ConfigError(f"franka robot: the policy needs camera(s) {list(cameras)}; say which device each one is "
+                              "in hardware.cameras (name -> {backend: opencv|realsense|replay, <options>})")
         if model not in FRANKA_SPECS:
             raise ConfigError(f"franka robot: model must be one of {sorted(FRANKA_SPECS)}, got {model!r}")
         if not 0.0 < gripper_force <= 70.0:  # the Franka Hand's continuous force is 70 N
@@ -110,6 +112,8 @@ class FrankaRobot:
             raise ConfigError(f"franka robot: limit_scale (fraction of the joint limits the 1 kHz interpolator "
                               f"may use) must be in (0, 1], got {limit_scale}")
         self.clock = MonotonicClock()
+        self.camera_set = CameraSet(cameras or {})  # started in connect(), after the arm
+        self.cameras = self.camera_set.names()
         self._proc: Any = None
         self._gripper_proc: Any = None
         self.stopped = False
@@ -140,12 +144,14 @@ class FrankaRobot:
             self._kill()
             raise RobotError(f"{self.name}: cannot connect to {self.hostname}: {err}")
         self._gripper_width = 0.0
-        if self.use_gripper:
-            try:
+        try:
+            if self.use_gripper:
                 self._start_gripper()
-            except RobotError:
-                self.stop()
-                raise
+            self.camera_set.attach(self.clock.now)
+            self.camera_set.start()  # a missing camera fails here, before the first command
+        except (RobotError, CameraError):
+            self.stop()
+            raise
 
     def read(self) -> Observation:
         self._check()
@@ -154,7 +160,9 @@ class FrankaRobot:
         with self._lock:
             t, q, dq = self._shm[_T], np.array(self._shm[_Q]), np.array(self._shm[_DQ])
         pos, quat = self.kinematics.fk(q)
-        return Observation(t=t, joint_pos=q, joint_vel=dq, ee_pos=pos, ee_quat=quat, gripper=np.array([self._gripper_width]))
+        images, stamps = self.camera_set.read()
+        return Observation(t=t, joint_pos=q, joint_vel=dq, ee_pos=pos, ee_quat=quat, gripper=np.array([self._gripper_width]),
+                           images=images, image_t=stamps)
 
     def command(self, cmd: JointCommand) -> None:
         self._check()
@@ -184,10 +192,12 @@ class FrankaRobot:
             if self._gripper_proc.is_alive():
                 self._gripper_proc.kill()
             self._gripper_proc = None
+        self.camera_set.stop()  # the run is over; connect() starts them again
         self.stopped = True
 
     def close(self) -> None:
         self.stop()
+        self.camera_set.stop()
 
     def diagnostics(self) -> dict[str, Any]:
         if self._proc is None and not hasattr(self, "_shm"):

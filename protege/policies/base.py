@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from protege import CONFIG_DIR  # noqa: F401 - re-exported: callers import it from here
 from protege.datasets.normalizer import Normalizer
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # shape_meta: {key: {"shape": [...], "kind": "state"|"action"|"image"|...}}, from the replay buffer;
 # a "language" key (`task`, int indices) also carries "tasks": the instruction strings of attrs["tasks"].

@@ -9,11 +9,33 @@ returns the action for `step`, or None when no chunk covers it (the caller holds
 - `TemporalEnsembler` (ACT, Zhao et al. 2023): query every step; the action for step t is the
   weighted mean of every stored chunk's prediction for t, weights `exp(-m * i)` with i = 0 the oldest
   prediction, so older predictions weigh more and small m averages more chunks.
+
+How the next chunk joins the current one is the executor's `add`; when the next request goes out is
+`request_lead`. A new joining rule (e.g. real-time chunking, which blends or inpaints the overlap)
+is one more class with the `ActionExecutor` methods, registered in `EXECUTORS`; the runner's loop
+and evaluation only call these methods and never look inside a chunk.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
 import numpy as np
+
+
+class ActionExecutor(Protocol):
+    def reset(self) -> None: ...
+
+    def add(self, chunk: np.ndarray, start: int) -> None:
+        """Join a predicted chunk whose first action belongs to step `start` (possibly in the past)."""
+
+    def needs_chunk(self, step: int) -> bool:
+        """True when a new chunk should be (or have been) requested for `step`."""
+
+    def action(self, step: int) -> np.ndarray | None:
+        """The action for `step`, or None when no chunk covers it (the caller holds)."""
 
 
 class ChunkQueue:
@@ -64,9 +86,21 @@ class TemporalEnsembler:
         return (np.tensordot(w, np.stack(preds), axes=1) / w.sum()).astype(preds[0].dtype)
 
 
-ActionExecutor = ChunkQueue | TemporalEnsembler
+# the one registry of joining rules: name -> factory(**options)
+EXECUTORS: dict[str, Callable[..., ActionExecutor]] = {"chunks": ChunkQueue, "temporal_ensemble": TemporalEnsembler}
 
 
 def make_executor(temporal_ensemble: float | None) -> ActionExecutor:
     """`temporal_ensemble=None` -> chunk execution; a number m -> temporal ensembling with that m."""
-    return ChunkQueue() if temporal_ensemble is None else TemporalEnsembler(float(temporal_ensemble))
+    if temporal_ensemble is None:
+        return EXECUTORS["chunks"]()
+    return EXECUTORS["temporal_ensemble"](m=float(temporal_ensemble))
+
+
+def request_lead(latencies: Sequence[float], period: float, budget: float) -> int:
+    """How many steps before the current chunk runs out the next request goes out, from the measured
+    latency (the worst of the last 10 calls): 0 when inference fits in `budget` of a period (the
+    loop then waits for it inside the tick, equivalent to synchronous evaluation), else
+    ceil(latency / period) + 1 (one period of margin: latency varies from call to call)."""
+    lat = max(latencies[-10:], default=0.0)
+    return 0 if lat <= budget * period else math.ceil(lat / period) + 1
