@@ -118,3 +118,18 @@ def test_executor_choice_and_requests():
     g = q.guide(13, delay=2)
     assert g.frozen == 2 and np.array_equal(g.target[:, 0], np.arange(3.0, 12.0)) and len(g.weights) == 9
     assert ChunkQueue().guide(0, 1) is None
+
+
+def test_beso_samples_with_rtc_guidance():
+    p = build_policy({"_target_": "protege.policies.beso.BESOPolicy", "down_dims": [8, 16], "step_embed_dim": 8,
+                      "n_obs_steps": 1, "horizon": H, "n_action_steps": H}, SHAPE_META)
+    p.normalizer.fit({"obs/state": np.array([[-1.0, -1.0], [1.0, 1.0]]), "action": np.array([[-1.0, -1.0], [1.0, 1.0]])})
+    p.eval()
+    obs = {"obs/state": torch.zeros(8, 1, 2)}
+    target = np.full((10, A), 0.6, np.float32)
+    torch.manual_seed(0)
+    free = p.predict_action(obs)
+    torch.manual_seed(0)
+    guided = p.predict_action(obs, guide=ChunkGuide(target, soft_mask(10, 3), 3))
+    assert torch.equal(guided[:, :3], torch.from_numpy(target[:3]).expand(8, 3, A))
+    assert (guided[:, 3:6] - 0.6).abs().mean() < 0.9 * (free[:, 3:6] - 0.6).abs().mean()  # pulled toward the target
