@@ -59,6 +59,23 @@ def test_lift_demos_export_to_a_file_robomimic_reads(lift_demos, tmp_path, capsy
     env.close()
 
 
+def test_train_and_eval_task_robomimic_on_a_converted_robomimic_file(lift_demos, tmp_path, capsys, monkeypatch):
+    """The user's path: a robomimic hdf5 -> protege convert -> protege train task=robomimic -> protege eval
+    (with a video); the env comes from the file's env_args."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", str(lift_demos), "lift.hdf5", "--to", "robomimic"]) == 0
+    assert main(["convert", "lift.hdf5", "lift.zarr"]) == 0
+    assert ReplayBuffer.open("lift.zarr").attrs["robomimic"]["env_args"]["env_name"] == "Lift"
+    capsys.readouterr()
+    rc = main(["train", "task=robomimic", "dataset=lift.zarr", "policy=bc", "train.steps=20", "train.val_every=0",
+               "eval.n_episodes=2", "eval.n_envs=2", "eval.video=false", "task.env.max_episode_steps=5", "run_dir=run"])
+    assert rc == 0 and "success_rate=" in capsys.readouterr().out
+    rc = main(["eval", "checkpoint=run", "eval.n_episodes=1", "eval.n_envs=1", "eval.video=true", "eval.video_episodes=1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "n_episodes=1 mean_length=5.0" in out, out
+    assert (tmp_path / "run" / "eval.mp4").stat().st_size > 0
+
+
 def test_env_args_naming_an_unknown_env_name_it_and_the_file(tmp_path, capsys):
     import h5py
 
