@@ -52,10 +52,11 @@ class StopSignal:
         self._previous = {}
 
 
-def agree_on_stop(signum: int, world: int) -> int:
-    """The signal number any rank received (0: none); a collective when `world > 1`."""
+def agree_on_stop(signum: int, world: int, device: torch.device | None = None) -> int:
+    """The signal number any rank received (0: none); a collective when `world > 1` (`device`: the
+    rank's device, since NCCL reduces CUDA tensors only)."""
     if world == 1:
         return signum
-    flag = torch.tensor([signum], dtype=torch.int64)
+    flag = torch.tensor([signum], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return int(flag.item())

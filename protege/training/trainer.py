@@ -234,7 +234,7 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int, stop: StopSig
             ema.step(trainable)
         step += 1
         position += stream.global_batch
-        interrupted = agree_on_stop(stop.signum, world)
+        interrupted = agree_on_stop(stop.signum, world, device)
         loss_value = loss.item()  # also waits for the device: step_s covers the whole step
         step_s.append(time.perf_counter() - t_step)
         if not math.isfinite(loss_value):
