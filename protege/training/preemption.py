@@ -9,6 +9,7 @@ checkpoint gathers state from every rank.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -25,12 +26,17 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.signum = 0
+        self._pid = os.getpid()
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:
+            # a forked DataLoader worker (Ctrl-C reaches the whole process group): the training
+            # process decides, and torch stops its workers when it exits
+            return
         if self.signum:  # the second signal: leave now, without a checkpoint
             self.restore()
             if signum == signal.SIGINT:
@@ -46,10 +52,11 @@ class StopSignal:
         self._previous = {}
 
 
-def agree_on_stop(signum: int, world: int) -> int:
-    """The signal number any rank received (0: none); a collective when `world > 1`."""
+def agree_on_stop(signum: int, world: int, device: torch.device | None = None) -> int:
+    """The signal number any rank received (0: none); a collective when `world > 1` (`device`: the
+    rank's device, since NCCL reduces CUDA tensors only)."""
     if world == 1:
         return signum
-    flag = torch.tensor([signum], dtype=torch.int64)
+    flag = torch.tensor([signum], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return int(flag.item())

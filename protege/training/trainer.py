@@ -92,14 +92,17 @@ def train(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     own_group = world > 1 and not torch.distributed.is_initialized()
     if own_group:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # SIGINT/SIGTERM handlers from here on; installed before the DataLoader forks its workers
+    stop = StopSignal()
     try:
-        return _train(cfg, progress, rank, world)
+        return _train(cfg, progress, rank, world, stop)
     finally:
+        stop.restore()
         if own_group:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, Any]:
+def _train(cfg: DictConfig, progress: bool, rank: int, world: int, stop: StopSignal) -> dict[str, Any]:
     device = select_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -198,7 +201,6 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
         return ckpt.save_checkpoint(ckpt_root, at_step, deployable(), cfg, train_state, keep=tcfg.keep_checkpoints)
 
     stream = WindowIndexStream(len(sampler), tcfg.batch_size, cfg.seed, rank, world, position)
-    stop = StopSignal()  # before the DataLoader forks its workers: they inherit the handlers
     batches = batch_iterator(sampler, stream, streaming=not in_memory, num_workers=dcfg.num_workers,
                              prefetch_factor=dcfg.prefetch_factor, pin_memory=device.type == "cuda")
     if is_main and not in_memory:
@@ -234,7 +236,7 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
             ema.step(trainable)
         step += 1
         position += stream.global_batch
-        interrupted = agree_on_stop(stop.signum, world)
+        interrupted = agree_on_stop(stop.signum, world, device)
         loss_value = loss.item()  # also waits for the device: step_s covers the whole step
         step_s.append(time.perf_counter() - t_step)
         if not math.isfinite(loss_value):
@@ -267,7 +269,6 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
             summary = run_eval(cfg, deployable(), run_dir / f"eval_step_{step:08d}.json", video=False, progress=False)
             writer.add_scalar("eval/success_rate", summary["success_rate"], step)
     bar.close()
-    stop.restore()
     result: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None, "losses": losses,
                               "train_time_s": time.perf_counter() - t0, "step": step, "interrupted": interrupted,
                               "policy": policy, "data_wait_s": wait_s, "step_s": step_s}
