@@ -10,7 +10,7 @@ period, jitter, deadline misses and inference latency for
   policy's Python code then shares the GIL with the control loop);
 - `dp50_gc_on`: dp50_long_chunks with Python's cyclic GC allowed inside episodes (`runner.gc_in_episodes`),
   the old behaviour: a side-by-side of one cause of late ticks;
-- `cam10`: camera-conditioned Diffusion Policy (ResNet-18 per camera + state, 16-step chunks) at 10 Hz on two
+- `cam10`: camera-conditioned Diffusion Policy (ResNet-18 per camera + state, 15-step chunks) at 10 Hz on two
   MuJoCo cameras (`front`, `wrist`) at 96x128, rendered at 20 fps in their own threads from snapshots of the
   simulation (decimated meshes).
 
@@ -58,8 +58,9 @@ def build_camera_policy(buffer, cameras: list[str], hw: tuple[int, int]):  # noq
     depend on them), state/action normalizer fitted on the demos."""
     from protege.policies import build_policy
 
-    # 16-step chunks (1.6 s at 10 Hz): two ResNet-18 encoders + DDIM-10 take ~1 s per call on a loaded 2-core CPU
-    cfg = compose("train", ["policy=diffusion_image", "policy.horizon=16", "policy.n_action_steps=16"])
+    # 15-step chunks (1.5 s at 10 Hz, the most a 16-step horizon with 2 observation steps holds): two ResNet-18
+    # encoders + DDIM-10 took ~1 s per call on a loaded 2-core CPU
+    cfg = compose("train", ["policy=diffusion_image", "policy.n_action_steps=15"])
     meta = {"obs/state": {"shape": [int(buffer["obs/state"].shape[1])], "kind": "state"},
             **{f"obs/{c}": {"shape": [*hw, 3], "kind": "image"} for c in cameras},
             "action": {"shape": [int(buffer["action"].shape[1])], "kind": "action"}}
