@@ -5,6 +5,7 @@
 #    which pyspacemouse's HID layer loads (SpaceMouse teleoperation).
 #    Best effort: state-only training and evaluation work without them.
 #  - the protege package with its Python dependencies (torch, diffusers, zarr, metaworld, ...) and pytest.
+#  - robosuite 1.5.2 + robomimic 0.3.0 (robomimic tasks), without their numpy<2 / opencv-python pins.
 #  - franky-sim in its own venv (Franka backend tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,9 @@ if ! ldconfig -p 2>/dev/null | grep -q libOSMesa || ! ldconfig -p 2>/dev/null | 
     echo "setup: no apt-get; install OSMesa yourself for rendering (state-only runs do not need it)" >&2
   fi
 fi
-python -m pip install -q --disable-pip-version-check -e '.[dev]'
+python -m pip install -q --disable-pip-version-check -e '.[dev,robomimic]'
+# robosuite + robomimic without their declared pins (see the `robomimic` extra in pyproject.toml)
+python -m pip install -q --disable-pip-version-check --no-deps robosuite==1.5.2 robomimic==0.3.0
 # franky-sim (a libfranka-protocol simulator, for the Franka backend tests) pulls MuJoCo 4, which
 # Meta-World's MuJoCo 3.3 pin excludes: it gets its own venv (~2-3 min once; best effort, the tests
 # create it themselves or skip with the reason when this fails).

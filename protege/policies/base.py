@@ -6,6 +6,7 @@ A policy is an `nn.Module` that owns its `Normalizer`, so a checkpoint is self-c
   step, given raw observations `{key: (B, n_obs_steps, ...)}`;
 - `reset()` clears any per-episode state;
 - `on_train_step()` runs after every optimizer step (e.g. ACT-JEPA's EMA target encoder);
+- `accelerate(cache_dir, runtime)` compiles inference with an exported runtime (Diffusion Policy's DDIM loop);
 - `horizon_obs_keys`: observation keys the sampler gathers over the whole `horizon` instead of the
   first `n_obs_steps` steps, for policies that learn from future observations (ACT-JEPA).
 
@@ -22,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from protege import CONFIG_DIR  # noqa: F401 - re-exported: callers import it from here
 from protege.datasets.normalizer import Normalizer
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # shape_meta: {key: {"shape": [...], "kind": "state"|"action"|"image"|...}}, from the replay buffer;
 # a "language" key (`task`, int indices) also carries "tasks": the instruction strings of attrs["tasks"].
@@ -46,6 +47,8 @@ class Policy(nn.Module):
     """Base class: window sizes, normalizer and helpers shared by every policy."""
 
     horizon_obs_keys: tuple[str, ...] = ()
+    # True when predict_action(obs, guide=ChunkGuide) samples with real-time-chunking guidance (policies/guidance.py)
+    supports_guide: bool = False
 
     def __init__(
         self,
@@ -99,6 +102,11 @@ class Policy(nn.Module):
     def on_train_step(self) -> None:
         """Called by the trainer after each optimizer step (nothing by default)."""
 
+    def accelerate(self, cache_dir: str | Path, runtime: str = "auto") -> str:
+        """Compile the inference path with an inference runtime (`policies/export.py`), caching the
+        artefact in `cache_dir`; returns the runtime in use. Nothing to compile by default."""
+        return "eager"
+
     def optim_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; override for per-module learning rates (e.g. ACT's backbone)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
@@ -151,6 +159,28 @@ class Policy(nn.Module):
         """The executable chunk of a predicted horizon: from the current step, n_action_steps long."""
         start = self.n_obs_steps - 1
         return actions[:, start : start + self.n_action_steps]
+
+    def guide_tensors(self, guide: Any, batch: int, length: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A `ChunkGuide` in the sampler's space: normalised targets y (B, length, A) and weights
+        w (1, length, 1) over the sampled sequence, whose position `offset` is the chunk's first action."""
+        target = torch.as_tensor(guide.target, dtype=torch.float32, device=self.device)
+        target = target.expand(batch, *target.shape) if target.ndim == 2 else target
+        n = max(0, min(target.shape[1], length - offset))
+        y = torch.zeros(batch, length, self.action_dim, device=self.device)
+        w = torch.zeros(1, length, 1, device=self.device)
+        y[:, offset : offset + n] = self.normalizer.normalize(self.action_key, target[:, :n])
+        w[0, offset : offset + n, 0] = torch.as_tensor(guide.weights, dtype=torch.float32, device=self.device)[:n]
+        return y, w
+
+    def keep_frozen(self, actions: torch.Tensor, guide: Any) -> torch.Tensor:
+        """The chunk with the guide's frozen actions copied in exactly: the robot executes those
+        (they come from the previous chunk) whatever the sampler made of them."""
+        target = torch.as_tensor(guide.target, dtype=actions.dtype, device=actions.device)
+        target = target.expand(actions.shape[0], *target.shape) if target.ndim == 2 else target
+        f = min(guide.frozen, actions.shape[1], target.shape[1])
+        out = actions.clone()
+        out[:, :f] = target[:, :f]
+        return out
 
 
 def build_policy(policy_cfg: Any, shape_meta: ShapeMeta) -> Policy:

@@ -45,6 +45,7 @@ from protege.errors import ConfigError
 from protege.hardware.base import (Controller, EStop, Observation, RobotError, SafetyLayer, Watchdog,
                                    make_action_space, policy_observation)
 from protege.hardware.cameras import CameraError, fit_frame
+from protege.datasets.frames import ImageStorage
 from protege.runtime.chunking import ActionExecutor, make_executor, request_lead
 from protege.runtime.inference import InferenceWorker
 from protege.runtime.recorder import Recorder
@@ -140,6 +141,9 @@ class Runner:
         self.period = 1.0 / float(rate)
         te = self.s.temporal_ensemble
         self.temporal_ensemble = getattr(policy, "temporal_ensemble", None) if te == "policy" else te
+        if self.s.chunk_join == "rtc" and not getattr(policy, "supports_guide", False):
+            raise ConfigError(f"runner.chunk_join=rtc needs a diffusion or flow policy (guided sampling); "
+                              f"{type(policy).__name__} has none")
         self.action_space = make_action_space(action_space, robot.features)
         self.safety = SafetyLayer(robot.limits, self.period)
         self.max_steps = self.s.max_steps or (task.max_episode_steps if task is not None else None)
@@ -150,7 +154,7 @@ class Runner:
                  "units": {"action": self.action_space.name},
                  **({"tasks": [self.s.instruction]} if self.language_keys else {})}
         self.recorder = Recorder(self.out_dir / "recording.zarr" if self.out_dir else None, 1.0 / self.period, attrs,
-                                 enabled=self.s.record)
+                                 enabled=self.s.record, image_storage=ImageStorage.parse(self.s.image_codec, self.s.resize))
 
     # ------------------------------------------------------------------------------ observations
     def _observe(self, obs: Observation, now: float) -> tuple[dict[str, np.ndarray] | None, str]:
@@ -222,7 +226,7 @@ class Runner:
             if stop_error and status == "completed":
                 status, message = "robot_error", stop_error
         report = build_report(status, message, self.stats, self.robot, 1.0 / self.period, self.episodes,
-                              self.task is not None, temporal_ensemble=self.temporal_ensemble,
+                              self.task is not None, temporal_ensemble=self.temporal_ensemble, chunk_join=self.s.chunk_join,
                               safety_interventions=dict(self.safety.counts), recording=self.recorder.path)
         if self.out_dir is not None:
             write_report(report, self.out_dir)
@@ -241,7 +245,7 @@ class Runner:
         robot = self.robot
         if self.task is not None and hasattr(robot, "reset_scene"):
             self.task.reset(robot, np.random.default_rng(self.s.seed + ep))
-        executor = make_executor(self.temporal_ensemble)
+        executor = make_executor(self.temporal_ensemble, self.s.chunk_join, self.s.execute_steps)
         self.policy.reset()
         result = {"episode": ep, "seed": self.s.seed + ep, "success": False, "length": 0}
         self.episodes.append(result)
@@ -307,13 +311,16 @@ class Runner:
                 last_good = pobs
             # inference: collect, then request the next chunk early enough for the measured latency
             self._add(worker.get(0), executor, step)
+            # the expected delay until a request's chunk arrives, in steps: from the measured latency (the
+            # first chunk's before any asynchronous call is measured; rtc freezes that many actions)
+            delay = request_lead(st.latency or st.first_latency, self.period, self.s.inference_budget) if realtime else 0
             # until one asynchronous call has been measured, the next chunk is requested right away (the
             # synchronous first chunk, measured while the loop idled, underestimates a loaded machine):
             # a few more stale actions instead of missed deadlines
-            lead = (request_lead(st.latency, self.period, self.s.inference_budget) if st.latency else self.max_steps) \
-                if realtime else 0
-            if pobs is not None and not worker.busy and executor.needs_chunk(step + lead):
-                worker.submit(step, self._window(history))
+            lead = self.max_steps if realtime and not st.latency else delay
+            if pobs is not None and not worker.busy and executor.wants_chunk(step + lead):
+                # rtc: the `delay` actions executed before the chunk can arrive are frozen in it
+                worker.submit(step, self._window(history), executor.guide(step, delay))
             if worker.busy and executor.needs_chunk(step):
                 wait = None if not realtime else max(0.0, t_next + self.s.inference_budget * self.period - clock.now())
                 self._add(worker.get(wait), executor, step)

@@ -16,8 +16,10 @@ import numpy as np
 
 
 class Recorder:
-    def __init__(self, path: Path | None, fps: float, attrs: dict[str, Any], enabled: bool = True) -> None:
+    def __init__(self, path: Path | None, fps: float, attrs: dict[str, Any], enabled: bool = True,
+                 image_storage: Any = None) -> None:
         self.file, self.fps, self.attrs, self.enabled = path, fps, attrs, enabled and path is not None
+        self.image_storage = image_storage  # frames.ImageStorage: codec + resize of recorded camera frames
         self.buffer: Any = None
         self.rows: dict[str, list] = {}
 
@@ -40,5 +42,6 @@ class Recorder:
 
         if self.buffer is None:
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            self.buffer = ReplayBuffer.open_or_create(str(self.file), fps=self.fps, attrs=self.attrs)
+            self.buffer = ReplayBuffer.open_or_create(str(self.file), fps=self.fps, attrs=self.attrs,
+                                                      image_storage=self.image_storage)
         self.buffer.append_episode({k: np.stack(v) for k, v in rows.items()})

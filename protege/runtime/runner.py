@@ -67,7 +67,7 @@ def run_checkpoint(cfg: Any) -> dict[str, Any]:
         raise ConfigError("protege run: expected checkpoint=<checkpoint or run dir>")
     ckpt_dir = ckpt.resolve_checkpoint(cfg.checkpoint)
     train_cfg = ckpt.load_config(ckpt_dir)
-    policy = ckpt.load_policy(ckpt_dir, train_cfg, device=cfg.device)
+    policy = ckpt.load_policy(ckpt_dir, train_cfg, device=cfg.device, runtime=cfg.runner.get("runtime", "auto"))
     env = OmegaConf.to_container(train_cfg.task.get("env", {}), resolve=True)
     task = make_hardware_task(train_cfg.task.env_id, env)  # None: the task has no scene on this hardware
     settings = settings_from_config(cfg.runner, env, float(train_cfg.task.fps))

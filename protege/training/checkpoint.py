@@ -92,8 +92,10 @@ def load_config(ckpt_dir: Path) -> DictConfig:
     return OmegaConf.load(ckpt_dir / "config.yaml")
 
 
-def load_policy(ckpt_dir: str | Path, cfg: DictConfig | None = None, device: str | torch.device = "cpu") -> Policy:
-    """Rebuild the policy from its saved config and load weights + normalizer (strictly)."""
+def load_policy(ckpt_dir: str | Path, cfg: DictConfig | None = None, device: str | torch.device = "cpu",
+                runtime: str = "eager") -> Policy:
+    """Rebuild the policy from its saved config and load weights + normalizer (strictly).
+    `runtime` (auto|onnx|aoti|eager): compile its inference, the artefact cached in `<ckpt_dir>/export/`."""
     from protege.policies import build_policy
 
     ckpt_dir = resolve_checkpoint(ckpt_dir)
@@ -105,7 +107,9 @@ def load_policy(ckpt_dir: str | Path, cfg: DictConfig | None = None, device: str
     state = load_file(ckpt_dir / "model.safetensors")
     state.update(load_file(ckpt_dir / "normalizer.safetensors"))
     policy.load_state_dict(state, strict=True)
-    return policy.to(device).eval()
+    policy = policy.to(device).eval()
+    policy.accelerate(ckpt_dir / "export", runtime)
+    return policy
 
 
 def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
