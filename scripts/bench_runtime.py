@@ -10,8 +10,9 @@ period, jitter, deadline misses and inference latency for
   policy's Python code then shares the GIL with the control loop);
 - `dp50_gc_on`: dp50_long_chunks with Python's cyclic GC allowed inside episodes (`runner.gc_in_episodes`),
   the old behaviour: a side-by-side of one cause of late ticks;
-- `cam10`: camera-conditioned Diffusion Policy (ResNet-18 per camera + state) at 10 Hz on two MuJoCo cameras
-  (`front`, `wrist`) at 96x128, rendered in their own threads from snapshots of the simulation.
+- `cam10`: camera-conditioned Diffusion Policy (ResNet-18 per camera + state, 15-step chunks) at 10 Hz on two
+  MuJoCo cameras (`front`, `wrist`) at 96x128, rendered at 20 fps in their own threads from snapshots of the
+  simulation (decimated meshes).
 
 Every configuration's deadline misses are attributed (`miss_causes`: no latency measured yet / inference
 slower than the planned lead; `late_wakes`: a GC pass since the last tick / OS scheduling), and the table
@@ -57,7 +58,9 @@ def build_camera_policy(buffer, cameras: list[str], hw: tuple[int, int]):  # noq
     depend on them), state/action normalizer fitted on the demos."""
     from protege.policies import build_policy
 
-    cfg = compose("train", ["policy=diffusion_image"])
+    # 15-step chunks (1.5 s at 10 Hz, the most a 16-step horizon with 2 observation steps holds): two ResNet-18
+    # encoders + DDIM-10 took ~1 s per call on a loaded 2-core CPU
+    cfg = compose("train", ["policy=diffusion_image", "policy.n_action_steps=15"])
     meta = {"obs/state": {"shape": [int(buffer["obs/state"].shape[1])], "kind": "state"},
             **{f"obs/{c}": {"shape": [*hw, 3], "kind": "image"} for c in cameras},
             "action": {"shape": [int(buffer["action"].shape[1])], "kind": "action"}}

@@ -261,7 +261,7 @@ class Runner:
             if worker.busy:  # a request of the previous episode still in flight: its chunk belongs to that scene
                 worker.get(None)
             # first chunk synchronously (also warms the policy up): the loop starts with an action. Its
-            # latency (lazy init, caches) is reported apart and only sets the lead until a call is measured.
+            # latency (lazy init, caches) is reported apart, not used for the request lead.
             worker.submit(0, self._window(history))
             self._add(worker.get(None), executor, 0, first=True)
             self._ticks(ep, worker, executor, history, pobs, result)
@@ -290,8 +290,8 @@ class Runner:
             prev_wake = now
             st.wake.append(now)
             st.scheduled.append(t_next)
-            if realtime and now - t_next > LATE_WAKE_S:  # a GC pass since the last tick, or the OS
-                st.late_wakes["gc" if len(st.gc_pauses) > n_gc else "os_scheduling"] += 1
+            if realtime and now - t_next > LATE_WAKE_S:  # a GC pass since the last tick, else the OS or the GIL
+                st.late_wakes["gc" if len(st.gc_pauses) > n_gc else "os_or_gil"] += 1
             n_gc = len(st.gc_pauses)
             if self.estop.triggered:
                 reason = self.estop.reason or "e-stop"
@@ -311,12 +311,16 @@ class Runner:
                 last_good = pobs
             # inference: collect, then request the next chunk early enough for the measured latency
             self._add(worker.get(0), executor, step)
-            # before any in-episode call is measured, the first chunk's latency sets the lead (it
-            # includes warm-up, so it errs early: a few more stale actions instead of a missed deadline)
-            lead = request_lead(st.latency or st.first_latency, self.period, self.s.inference_budget) if realtime else 0
+            # the expected delay until a request's chunk arrives, in steps: from the measured latency (the
+            # first chunk's before any asynchronous call is measured; rtc freezes that many actions)
+            delay = request_lead(st.latency or st.first_latency, self.period, self.s.inference_budget) if realtime else 0
+            # until one asynchronous call has been measured, the next chunk is requested right away (the
+            # synchronous first chunk, measured while the loop idled, underestimates a loaded machine):
+            # a few more stale actions instead of missed deadlines
+            lead = self.max_steps if realtime and not st.latency else delay
             if pobs is not None and not worker.busy and executor.wants_chunk(step + lead):
-                # rtc: the `lead` actions executed before the chunk can arrive are frozen in it
-                worker.submit(step, self._window(history), executor.guide(step, lead))
+                # rtc: the `delay` actions executed before the chunk can arrive are frozen in it
+                worker.submit(step, self._window(history), executor.guide(step, delay))
             if worker.busy and executor.needs_chunk(step):
                 wait = None if not realtime else max(0.0, t_next + self.s.inference_budget * self.period - clock.now())
                 self._add(worker.get(wait), executor, step)
