@@ -24,16 +24,24 @@ Heads (`head=`):
 Fine-tuning: LoRA (peft) on the backbone's linear layers (`lora_rank`, `lora_alpha`,
 `lora_target_modules`; `lora_rank=0` = full fine-tuning), the vision tower optionally frozen
 entirely (`freeze_vision`), gradient checkpointing (`gradient_checkpointing=auto`: on with CUDA);
-bf16 autocast comes from the trainer (`train.amp`). Actions use quantile (1st-99th percentile)
+bf16/fp16 autocast comes from the trainer (`train.amp`). The L1 head leaves padded chunk steps
+(`action_is_pad`: past an episode's end) out of its loss. Actions use quantile (1st-99th percentile)
 normalisation by default, as OpenVLA.
 
 Language: the batch carries `task` (int index into the training buffer's `attrs["tasks"]`, saved
 in the checkpoint's shape_meta); at run time `obs["instruction"]` (a list of B strings) may give
 free text instead.
 
+Precision (`dtype`): the frozen backbone is loaded in `float32`, `bfloat16` (half the memory; the GPU
+setting) or `float16` (with `train.amp=fp16`, whose gradient scaler needs float32 trainable weights);
+LoRA adapters and heads always train in float32. Full fine-tuning (`lora_rank=0`) needs `float32`.
+
 Checkpoints: the policy's state_dict leaves out the frozen backbone weights (they are re-read from
 `pretrained`, which the checkpoint's config records), so a checkpoint holds adapters + heads +
-normaliser: small, but it needs the backbone folder to load.
+normaliser + `backbone_fingerprint` (`backbone_fingerprint()`: the backbone folder's identity); it
+needs the backbone folder to load, and refuses a folder with other weights. The trainer's EMA covers
+the trainable parameters only and is swapped into the live policy for saving and evaluation, so the
+frozen backbone is never copied.
 """
 
 from __future__ import annotations
