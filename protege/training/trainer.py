@@ -289,7 +289,8 @@ def validation_loss(policy: Policy, sampler: SequenceSampler, batch_size: int, d
 def run_eval(cfg: DictConfig, policy: Policy, out_json: Path, video: bool = True, progress: bool = True) -> dict[str, Any]:
     """Roll the policy out in the task's env; write the summary JSON (and a video) next to it."""
     from protege.envs import make_env
-    from protege.evaluation.rollout import evaluate, write_json
+    from protege.evaluation.rollout import evaluate
+    from protege.fileio import write_json
 
     ecfg = cfg.eval
     env_kwargs = OmegaConf.to_container(cfg.task.env, resolve=True)
