@@ -11,7 +11,6 @@ predicted, batched over the envs whose executor asks for one.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable
@@ -278,8 +277,3 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: int = 20) -> Pa
     return path
 
 
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)

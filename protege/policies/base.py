@@ -200,3 +200,29 @@ def build_policy(policy_cfg: Any, shape_meta: ShapeMeta) -> Policy:
     if not isinstance(policy, Policy):
         raise TypeError(f"{cfg.get('_target_')} built a {type(policy).__name__}, expected a protege Policy")
     return policy
+
+
+def load_policy(ckpt_dir: str | Path, cfg: Any = None, device: str | torch.device = "cpu",
+                runtime: str = "eager") -> Policy:
+    """Rebuild the policy a checkpoint was trained as (its saved config, or `cfg`) and load its weights
+    and normalizer strictly; in eval mode on `device`. `runtime` (auto|onnx|aoti|eager): compile its
+    inference, the artefact cached in `<ckpt_dir>/export/`.
+
+    A policy built on a pretrained encoder (`obs_encoder.checkpoint`) is built from this checkpoint's
+    own encoder instead: the weights come from here anyway, and the pretraining run may be gone."""
+    from omegaconf import OmegaConf
+
+    from protege.fileio import load_config, read_weights, resolve_checkpoint
+
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    cfg = load_config(ckpt_dir) if cfg is None else cfg
+    policy_cfg = cfg.policy
+    encoder = policy_cfg.get("obs_encoder")
+    if encoder is not None and encoder.get("checkpoint"):
+        policy_cfg = OmegaConf.merge(policy_cfg, {"obs_encoder": {"checkpoint": str(ckpt_dir)}})
+    policy = build_policy(policy_cfg, OmegaConf.to_container(cfg.shape_meta))
+    policy.load_state_dict(read_weights(ckpt_dir), strict=True)
+    policy = policy.to(device).eval()
+    policy.accelerate(ckpt_dir / "export", runtime)
+    return policy
+

@@ -81,7 +81,7 @@ def build_report(status: str, message: str, stats: LoopStats, robot: Any, rate_h
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
-    from protege.evaluation.rollout import write_json
+    from protege.fileio import write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "runner.json", report)

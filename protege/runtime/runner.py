@@ -61,13 +61,14 @@ def run_checkpoint(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from protege.envs import make_hardware_task
-    from protege.training import checkpoint as ckpt
+    from protege import fileio
+    from protege.policies.base import load_policy
 
     if not cfg.get("checkpoint"):
         raise ConfigError("protege run: expected checkpoint=<checkpoint or run dir>")
-    ckpt_dir = ckpt.resolve_checkpoint(cfg.checkpoint)
-    train_cfg = ckpt.load_config(ckpt_dir)
-    policy = ckpt.load_policy(ckpt_dir, train_cfg, device=cfg.device, runtime=cfg.runner.get("runtime", "auto"))
+    ckpt_dir = fileio.resolve_checkpoint(cfg.checkpoint)
+    train_cfg = fileio.load_config(ckpt_dir)
+    policy = load_policy(ckpt_dir, train_cfg, device=cfg.device, runtime=cfg.runner.get("runtime", "auto"))
     env = OmegaConf.to_container(train_cfg.task.get("env", {}), resolve=True)
     task = make_hardware_task(train_cfg.task.env_id, env)  # None: the task has no scene on this hardware
     settings = settings_from_config(cfg.runner, env, float(train_cfg.task.fps))

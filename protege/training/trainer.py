@@ -20,10 +20,10 @@ step) and return `interrupted`; `protege train` prints the resume command.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,22 @@ def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def ema_weights(policy: Policy, ema: EMAModel | None, params: list[torch.nn.Parameter]) -> Iterator[Policy]:
+    """The policy with its EMA weights swapped into `params` (the trainable ones) for saving or evaluating,
+    the online weights restored after. No copy of the policy: a frozen backbone (a VLM's billions of
+    parameters) is never duplicated; only the trainable weights are stored aside meanwhile."""
+    if ema is None:
+        yield policy
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield policy
+    finally:
+        ema.restore(params)
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -179,18 +195,14 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int, stop: StopSig
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         writer = SummaryWriter(str(run_dir / "tb"))
 
-    def deployable() -> Policy:
-        if ema is None:
-            return policy
-        ema_policy = copy.deepcopy(policy)
-        ema.copy_to([p for p in ema_policy.parameters() if p.requires_grad])
-        return ema_policy
+    def deployable() -> contextlib.AbstractContextManager[Policy]:
+        return ema_weights(policy, ema, trainable)
 
     def save(at_step: int, torch_states: list[torch.Tensor]) -> Path:
         train_state = {
             "step": at_step,
             "windows": position,
-            "model": policy.state_dict(),
+            "model": {k: v.clone() for k, v in policy.state_dict().items()},  # online weights: the EMA swaps in below
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "scaler": scaler.state_dict(),
@@ -198,7 +210,8 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int, stop: StopSig
             "rng": {"torch": torch_states[0], "torch_ranks": torch_states,
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
-        return ckpt.save_checkpoint(ckpt_root, at_step, deployable(), cfg, train_state, keep=tcfg.keep_checkpoints)
+        with deployable() as deploy:
+            return ckpt.save_checkpoint(ckpt_root, at_step, deploy, cfg, train_state, keep=tcfg.keep_checkpoints)
 
     stream = WindowIndexStream(len(sampler), tcfg.batch_size, cfg.seed, rank, world, position)
     batches = batch_iterator(sampler, stream, streaming=not in_memory, num_workers=dcfg.num_workers,
@@ -266,7 +279,8 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int, stop: StopSig
         if save_due:
             last_ckpt = save(step, torch_states)
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-            summary = run_eval(cfg, deployable(), run_dir / f"eval_step_{step:08d}.json", video=False, progress=False)
+            with deployable() as deploy:
+                summary = run_eval(cfg, deploy, run_dir / f"eval_step_{step:08d}.json", video=False, progress=False)
             writer.add_scalar("eval/success_rate", summary["success_rate"], step)
     bar.close()
     result: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None, "losses": losses,
@@ -275,7 +289,8 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int, stop: StopSig
     if world > 1:
         torch.distributed.barrier()
     if is_main and cfg.eval.n_episodes > 0 and step == tcfg.steps and not interrupted:
-        summary = run_eval(cfg, deployable(), run_dir / "eval.json", video=cfg.eval.video, progress=progress)
+        with deployable() as deploy:
+            summary = run_eval(cfg, deploy, run_dir / "eval.json", video=cfg.eval.video, progress=progress)
         writer.add_scalar("eval/success_rate", summary["success_rate"], step)
         result["eval"] = summary
     if writer is not None:
@@ -312,7 +327,8 @@ def validation_loss(policy: Policy, sampler: SequenceSampler, batch_size: int, d
 def run_eval(cfg: DictConfig, policy: Policy, out_json: Path, video: bool = True, progress: bool = True) -> dict[str, Any]:
     """Roll the policy out in the task's env; write the summary JSON (and a video) next to it."""
     from protege.envs import make_env
-    from protege.evaluation.rollout import evaluate, write_json
+    from protege.evaluation.rollout import evaluate
+    from protege.fileio import write_json
 
     ecfg = cfg.eval
     env_kwargs = OmegaConf.to_container(cfg.task.env, resolve=True)
