@@ -41,6 +41,9 @@ class RunnerSettings:
     max_frame_age: float = 0.25
     image_codec: str | None = None  # recorded frames: jpeg[:quality] | png | raw (default jpeg:95)
     resize: str | None = None  # recorded frames resized to "HxW" (default: as captured)
+    # False: Python's cyclic garbage collector is paused inside episodes (objects from before the run are
+    # frozen, young ones collected between episodes); a collection inside a tick delays it (bench_runtime.py)
+    gc_in_episodes: bool = False
     rt_priority: int = 50  # SCHED_FIFO priority of the control loop thread (Linux; 0: off; needs root or CAP_SYS_NICE)
 
 
