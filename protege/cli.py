@@ -118,8 +118,8 @@ def compose(config_name: str, overrides: list[str]) -> Any:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from protege.errors import ConfigError
     from protege import CONFIG_DIR
+    from protege.errors import ConfigError
     from protege.runtime.settings import register_configs
 
     register_configs()  # runner/default comes from RunnerSettings, not a yaml

@@ -51,9 +51,10 @@ def _env_utils() -> tuple[Any, Any]:
 
 def default_env_args(env_name: str) -> dict[str, Any]:
     """The env_args our scripted experts record: robomimic's robosuite settings for its datasets."""
+    import robosuite
     from robosuite.controllers import load_composite_controller_config
 
-    return {"env_name": env_name, "type": ROBOSUITE_TYPE, "env_kwargs": {
+    return {"env_name": env_name, "env_version": robosuite.__version__, "type": ROBOSUITE_TYPE, "env_kwargs": {
         "robots": ["Panda"], "controller_configs": load_composite_controller_config(controller="BASIC", robot="Panda"),
         "control_freq": 20, "reward_shaping": False, "camera_names": ["agentview", "robot0_eye_in_hand"],
         "camera_heights": 84, "camera_widths": 84, "camera_depths": False, "use_object_obs": True}}

@@ -20,7 +20,6 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from protege.cli import compose
-from protege.datasets.replay_buffer import ReplayBuffer
 from protege.envs.collect import collect
 from protege.training.trainer import train
 
