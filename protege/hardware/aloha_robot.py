@@ -52,7 +52,7 @@ class AlohaRobot:
         image_size: int | tuple[int, int] | list[int] = (96, 128),
         limits: dict[str, Any] | None = None,
     ) -> None:
-        from protege.envs.aloha import TASKS, load_model
+        from protege.hardware.aloha_model import TASKS, load_model
 
         if scene not in TASKS:
             raise ConfigError(f"aloha robot: scene must be one of {TASKS}, got {scene!r}")
@@ -105,7 +105,7 @@ class AlohaRobot:
         """ACT's start pose, the objects at `objects` (7 per object: position + quaternion); restarts time."""
         import mujoco
 
-        from protege.envs.aloha import START_ARM_POSE
+        from protege.hardware.aloha_model import START_ARM_POSE
 
         d = self._require()
         with self._lock:
@@ -122,7 +122,7 @@ class AlohaRobot:
         return self.n_physics_steps * self.timestep
 
     def read(self) -> Observation:
-        from protege.envs.aloha import GRIPPER_CLOSE, GRIPPER_OPEN, normalize_gripper
+        from protege.hardware.aloha_model import GRIPPER_CLOSE, GRIPPER_OPEN, normalize_gripper
 
         d = self._require()
         with self._lock:
@@ -138,7 +138,7 @@ class AlohaRobot:
         return obs
 
     def command(self, cmd: JointCommand) -> None:
-        from protege.envs.aloha import unnormalize_gripper
+        from protege.hardware.aloha_model import unnormalize_gripper
 
         d = self._require()
         if self.stopped:
