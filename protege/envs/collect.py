@@ -60,6 +60,7 @@ def collect(
     env = make_env(env_id, **env_kwargs)
     expert = make_expert(env_id, env, seed=seed)
     attrs: dict[str, Any] = {"provenance": {"source": "scripted expert", "env_id": env_id, "env_kwargs": env_kwargs}}
+    attrs.update(getattr(env.unwrapped, "buffer_attrs", {}))  # e.g. robomimic's env_args, as its datasets carry them
     tasks = list(getattr(env.unwrapped, "tasks", []))  # instruction strings of a language-conditioned env
     if tasks:
         attrs["tasks"] = tasks
