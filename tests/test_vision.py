@@ -166,3 +166,14 @@ def test_pointmass_image_goal_shows_the_goal_only_in_pixels():
     assert info["success"]
     with pytest.raises(ValueError, match="needs cameras"):
         make_env("pointmass_image_goal")
+
+
+def test_metaworld_proprio_key_is_the_hand_only():
+    """Camera policies on Meta-World read obs/proprio (hand + gripper), not the 39-D state with object poses."""
+    from protege.envs import make_env
+
+    env = make_env("metaworld", task="reach-v3", proprio=True)
+    obs, _ = env.reset(seed=0)
+    assert obs["proprio"].shape == (4,) and np.array_equal(obs["proprio"], obs["state"][:4])
+    assert env.observation_space["proprio"].shape == (4,)
+    assert "proprio" not in make_env("metaworld", task="reach-v3").reset(seed=0)[0]

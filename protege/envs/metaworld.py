@@ -2,7 +2,9 @@
 
 We use the goal-observable variants (the 39-D state includes the goal) and re-randomise object and
 goal positions at every reset, seeded by `reset(seed=...)` so collection and evaluation are
-reproducible. Observation: `{"state": (39,) float32}` and, with `cameras`, `{<camera>: HxWx3 uint8}`.
+reproducible. Observation: `{"state": (39,) float32}` and, with `cameras`, `{<camera>: HxWx3 uint8}`;
+with `proprio=True` also `{"proprio": (4,)}` = hand position + gripper opening (the first 4 state
+entries): with a camera, what a policy that must find objects and goals in pixels gets.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class MetaWorldEnv(gym.Env):
         image_size: int = 96,
         render_mode: str | None = None,
         render_camera: str = "corner",
+        proprio: bool = False,
     ) -> None:
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
 
@@ -47,6 +50,7 @@ class MetaWorldEnv(gym.Env):
         self.render_mode = render_mode
         self.render_camera = render_camera
         self.image_size = image_size
+        self.proprio = proprio
         need_renderer = bool(self.cameras) or render_mode == "rgb_array"
         self._env = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[key](render_mode="rgb_array" if need_renderer else None)
         self._env._freeze_rand_vec = False  # new object/goal positions at every reset
@@ -55,6 +59,8 @@ class MetaWorldEnv(gym.Env):
             self._env.mujoco_renderer.width = self._env.mujoco_renderer.height = image_size
             self._visuals_set = False
         spaces = {"state": gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)}
+        if proprio:
+            spaces["proprio"] = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)
         spaces.update({c: gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8) for c in self.cameras})
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
@@ -62,6 +68,8 @@ class MetaWorldEnv(gym.Env):
 
     def _obs(self, state: np.ndarray) -> dict[str, np.ndarray]:
         obs = {"state": state.astype(np.float32)}
+        if self.proprio:  # the expert still reads the full state; a camera policy reads only this
+            obs["proprio"] = state[:4].astype(np.float32)
         for cam in self.cameras:
             obs[cam] = self._render(cam)
         return obs

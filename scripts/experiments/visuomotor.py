@@ -10,8 +10,10 @@ a markdown table (success, wall time, sizes); the full results go to `<out>/resu
         --policies diffusion_image,act_small --steps 6000 --batch 32 --eval-every 2000
 
     # Meta-World from the `corner` camera + the hand (position and gripper only: no object or goal)
+    protege collect task=reach-v3 task.env.cameras=[corner] task.env.image_size=64 task.env.proprio=true \
+        n_episodes=100 out=data/mw_cam.zarr
     python scripts/experiments/visuomotor.py --task metaworld --dataset data/mw_cam.zarr --policies diffusion_image \\
-        task.env.task=reach-v3 task.env.cameras=[corner] task.env.image_size=64 task.env.state=proprio
+        task.env.task=reach-v3 task.env.cameras=[corner] task.env.image_size=64 task.env.proprio=true
 
 Per-policy settings that differ from the configs' defaults are in PRESETS (CPU-sized choices for these
 tasks, stated in the table); anything after the options is a hydra override applied to every run.
@@ -39,7 +41,7 @@ PRESETS: dict[str, list[str]] = {
                   "policy.backbone_channels=[16,32,64,64]", "train.weight_decay=1e-4"],
 }
 CAMERA_KEYS = {"aloha_transfer_cube": "[obs/state,obs/top]", "aloha_insertion": "[obs/state,obs/top]",
-               "metaworld": "[obs/state,obs/corner]"}
+               "metaworld": "[obs/proprio,obs/corner]"}
 
 
 def eval_curve(run_dir: Path, t_start: float) -> list[dict]:
