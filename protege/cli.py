@@ -11,6 +11,8 @@ import ctypes.util
 import importlib.abc
 import os
 import re
+import shlex
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -135,6 +137,13 @@ def compose(config_name: str, overrides: list[str]) -> Any:
         raise ConfigError(f"config {config_name}.yaml: {str(e).splitlines()[0]}") from e
 
 
+def resume_command(args: list[str], run_dir: str) -> str:
+    """The `protege train` command that continues this run (under torchrun: the same launcher
+    with these arguments)."""
+    keep = [a for a in args if a.partition("=")[0] not in ("run_dir", "resume", "train.stop_at")]
+    return shlex.join(["protege", "train", *keep, f"run_dir={run_dir}", "resume=true"])
+
+
 def cmd_train(args: list[str]) -> int:
     """train [overrides]
     train a policy (default: Diffusion Policy on Meta-World push-v3; collects the demos first if missing),
@@ -150,6 +159,11 @@ def cmd_train(args: list[str]) -> int:
     result = train(cfg)
     print(f"run dir: {result['run_dir']}")
     print(f"checkpoint: {result['checkpoint']}")
+    if result["interrupted"]:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped at step {result['step']} ({signal.Signals(result['interrupted']).name}); continue with:\n"
+                  f"  {resume_command(args, result['run_dir'])}", flush=True)
+        return 128 + result["interrupted"]
     if "eval" in result:
         ev = result["eval"]
         if "video" in ev:
@@ -179,7 +193,7 @@ def cmd_eval(args: list[str]) -> int:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in kv.items()]))
     except Exception as e:  # noqa: BLE001 - omegaconf raises several types for bad dotlists
         raise ConfigError(f"protege eval: bad override: {e}") from e
-    policy = ckpt.load_policy(ckpt_dir, cfg, device=select_device(cfg.device))
+    policy = ckpt.load_policy(ckpt_dir, cfg, device=select_device(cfg.device), runtime=cfg.eval.get("runtime", "auto"))
     # a checkpoint under <run>/checkpoints/step_N reports into <run>; a loose checkpoint into itself
     run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
     out_json = Path(out) if out else run_dir / "eval.json"
@@ -315,8 +329,29 @@ def cmd_run(args: list[str]) -> int:
     return int(report["exit_code"])
 
 
+def cmd_record(args: list[str]) -> int:
+    """record hardware=<name> teleop=<keyboard|spacemouse|replay> out=<buffer> [task=<name>]
+    teleoperated demonstrations through the controller and safety layer -> a crash-safe replay buffer."""
+    import logging
+
+    from protege.runtime.record import record_from_config
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("protege.runtime").setLevel(logging.INFO)
+    for o in args:
+        group, _, value = o.partition("=")
+        if group in ("hardware", "teleop") and value not in _options(group):
+            from protege.errors import ConfigError
+
+            raise ConfigError(f"unknown {group} {value!r}; expected one of {_options(group)}")
+    r = record_from_config(compose("record", args))
+    print(f"record: {r['saved']} episode(s) saved, {r['discarded']} discarded, {r['steps']} steps; "
+          f"{r['episodes_in_buffer']} episode(s) in {r['out']}; safety interventions: {r['safety_interventions'] or 'none'}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "collect": cmd_collect, "inspect": cmd_inspect,
-            "convert": cmd_convert, "validate": cmd_validate, "run": cmd_run}
+            "convert": cmd_convert, "validate": cmd_validate, "run": cmd_run, "record": cmd_record}
 
 
 def _group_choices(group: str) -> str:
@@ -363,7 +398,8 @@ def command_help(name: str) -> str:
     """`protege <name> --help`: usage line, description and, for config-driven commands, config groups/keys."""
     usage, _, desc = (COMMANDS[name].__doc__ or name).partition("\n")
     text = f"usage: protege {usage}\n\n" + "\n".join(line.strip() for line in desc.strip().splitlines())
-    config = {"train": ("train", None), "eval": ("train", "eval"), "collect": ("collect", None), "run": ("run", None)}
+    config = {"train": ("train", None), "eval": ("train", "eval"), "collect": ("collect", None), "run": ("run", None),
+              "record": ("record", None)}
     if name in config:
         text += "\n\n" + _config_help(*config[name])
     return text

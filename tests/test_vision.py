@@ -89,3 +89,80 @@ def test_image_policy_trains_checkpoints_and_evaluates(tmp_path):
     assert result["eval"]["n_episodes"] == 2
     policy = load_policy(cfg.run_dir)
     assert "obs/top" in policy.image_encoders.cameras and policy.shape_meta["obs/top"]["shape"] == [32, 32, 3]
+
+
+def test_conv_trunk_keeps_a_fine_feature_map_and_spatial_softmax_refuses_1x1():
+    from protege.policies.nets.vision import ImageEncoder, SpatialSoftmax, build_trunk
+
+    trunk = build_trunk("conv", channels=[8, 16], strides=[2, 2])
+    assert trunk(torch.zeros(2, 3, 32, 32)).shape == (2, 16, 8, 8) and trunk.out_channels == 16
+    # a ResNet-18 turns a 32x32 frame into one cell: the keypoints would be the same for every image
+    enc = ImageEncoder(backbone="resnet18", crop_ratio=1.0)
+    with pytest.raises(ConfigError, match="1x1 feature map"):
+        enc(torch.zeros(2, 32, 32, 3, dtype=torch.uint8))
+    # on the conv trunk the keypoints follow the content: a bright dot moved across the frame moves them
+    ss = SpatialSoftmax(1, num_kp=1)
+    with torch.no_grad():
+        ss.proj.weight.fill_(20.0), ss.proj.bias.zero_()
+    left, right = torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)
+    left[..., 4, 1], right[..., 4, 6] = 1.0, 1.0
+    assert ss(left)[0, 0] < -0.5 and ss(right)[0, 0] > 0.5
+    with pytest.raises(ConfigError, match="expected one of"):
+        build_trunk("vgg")
+    with pytest.raises(ConfigError, match="frozen_bn needs pretrained"):
+        build_trunk("conv", norm="frozen_bn")
+
+
+def test_act_backbone_without_weights_is_never_frozen_bn(caplog):
+    """policy=act's default (`backbone_norm: auto`) without ImageNet weights trains a group-norm backbone at
+    the main lr and says so; asking for frozen batch norm on a random-init backbone is refused."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from protege.cli import compose
+    from protege.policies.act import ACTPolicy
+    from protege.policies.base import build_policy
+
+    meta = {"obs/state": {"shape": [2], "kind": "state"}, "obs/top": {"shape": [32, 32, 3], "kind": "image"},
+            "action": {"shape": [2], "kind": "action"}}
+    cfg = compose("train", ["policy=act"]).policy
+    assert cfg.backbone_norm == "auto" and cfg.backbone_weights is None
+    small = OmegaConf.merge(cfg, {"hidden_dim": 32, "dim_feedforward": 32, "n_heads": 2, "n_encoder_layers": 1,
+                                  "n_vae_encoder_layers": 1, "chunk_size": 4, "n_action_steps": 4})
+    with caplog.at_level(logging.WARNING, logger="protege.policies"):
+        policy = build_policy(small, meta)
+    assert "group norm" in caplog.text and "policy.backbone_weights" in caplog.text
+    mods = {type(m).__name__ for m in policy.backbones.modules()}
+    assert "GroupNorm" in mods and "FrozenBatchNorm2d" not in mods
+    assert policy.backbone_lr is None  # trained at train.lr, not ACT's 1e-5 for pretrained features
+    assert all(p.requires_grad for p in policy.backbones.parameters())
+    with pytest.raises(ConfigError, match="backbone_weights"):
+        ACTPolicy(meta, chunk_size=4, n_action_steps=4, hidden_dim=32, dim_feedforward=32, n_heads=2,
+                  backbone_norm="frozen_bn", backbone_weights=None)
+
+
+def test_pointmass_image_goal_shows_the_goal_only_in_pixels():
+    from protege.envs import make_env, make_expert
+
+    env = make_env("pointmass_image_goal", cameras=("top",), image_size=32)
+    assert env.observation_space["state"].shape == (2,)
+    frames = []
+    for seed in (0, 1):
+        obs, _ = env.reset(seed=seed)
+        assert obs["state"].shape == (2,) and np.allclose(obs["state"], env.pos)
+        frames.append(obs["top"])
+        green = (frames[-1][..., 1].astype(int) - frames[-1][..., 0]) > 60  # the goal disc
+        ys, xs = np.nonzero(green)
+        px = np.array([xs.mean() / 31 * 2 - 1, 1 - ys.mean() / 31 * 2])
+        assert np.linalg.norm(px - env.goal) < 0.08  # the frame locates the goal to ~1 pixel
+    assert not np.array_equal(frames[0], frames[1])
+    expert = make_expert("pointmass_image_goal", env, seed=0)  # reads the goal from the env, not the obs
+    expert.reset()
+    for _ in range(80):
+        obs, _, done, _, info = env.step(expert(obs))
+        if done:
+            break
+    assert info["success"]
+    with pytest.raises(ValueError, match="needs cameras"):
+        make_env("pointmass_image_goal")

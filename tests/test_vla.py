@@ -443,3 +443,24 @@ def test_vla_checkpoint_runs_through_protege_run(vlm_dir, tmp_path, one_thread):
     policy = load_policy(result["checkpoint"])
     with pytest.raises(ConfigError, match="runner.instruction"):
         Runner(policy, object(), "ee_delta", ["ee_pos", "goal_pos"], settings=RunnerSettings(rate_hz=10, max_steps=5))
+
+
+def test_flow_and_diffusion_heads_sample_with_rtc_guidance(vlm_dir, lang_buffer, one_thread):
+    from protege.policies.guidance import ChunkGuide, soft_mask
+
+    batch = _batch(lang_buffer, OBS_KEYS, 2)
+    obs = {k: v for k, v in batch.items() if k in OBS_KEYS}
+    target = np.full((6, 2), 0.3, np.float32)
+    guide = ChunkGuide(target, soft_mask(6, 2), 2)
+    assert not _policy(vlm_dir, lang_buffer, head="l1").supports_guide
+    for head in ("flow", "diffusion"):
+        policy = _policy(vlm_dir, lang_buffer, head=head).eval()
+        assert policy.supports_guide
+        torch.manual_seed(0)
+        free = policy.predict_action(obs)
+        torch.manual_seed(0)
+        guided = policy.predict_action(obs, guide=guide)
+        assert torch.isfinite(guided).all() and guided.shape == free.shape
+        assert torch.equal(guided[:, :2], torch.from_numpy(target[:2]).expand(2, 2, 2))  # frozen: exact
+        # the soft part of the overlap is pulled toward the previous chunk's actions
+        assert (guided[:, 2:4] - 0.3).abs().mean() < (free[:, 2:4] - 0.3).abs().mean(), head

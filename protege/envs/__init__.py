@@ -53,6 +53,8 @@ class EnvSpec:
 ENVS: dict[str, EnvSpec] = {
     "pointmass": EnvSpec("protege.envs.pointmass", "PointMassEnv", "PointMassExpert", {"bimodal": False}),
     "pointmass_bimodal": EnvSpec("protege.envs.pointmass", "PointMassEnv", "PointMassExpert", {"bimodal": True}),
+    "pointmass_image_goal": EnvSpec("protege.envs.pointmass", "PointMassEnv", "PointMassExpert",
+                                    {"bimodal": False, "goal_in_state": False}),
     "pointmass_lang": EnvSpec("protege.envs.pointmass_lang", "LanguagePointMassEnv", "LanguagePointMassExpert"),
     "metaworld": EnvSpec("protege.envs.metaworld", "MetaWorldEnv", "MetaWorldExpert", variants=Variants(
         "metaworld", "env.task", r"^[a-z0-9-]+-v3$", "protege.envs.metaworld:task_names", "a Meta-World v3 name (task=door-open-v3)")),
@@ -85,8 +87,18 @@ def _franka_task(env: dict[str, Any]) -> Any:
     return make_task(env.get("task", "reach"))
 
 
+def _aloha_task(task: str) -> Callable[[dict[str, Any]], Any]:
+    def make(env: dict[str, Any]) -> Any:
+        from protege.envs.aloha import AlohaHardwareTask
+
+        return AlohaHardwareTask(task, env.get("max_episode_steps", 400))
+
+    return make
+
+
 # env id -> factory(env config) of the task a `protege run` robot executes: scene reset + success check
-HARDWARE_TASKS: dict[str, Callable[[dict[str, Any]], Any]] = {"franka": _franka_task}
+HARDWARE_TASKS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "franka": _franka_task, "aloha_transfer_cube": _aloha_task("transfer_cube"), "aloha_insertion": _aloha_task("insertion")}
 
 
 def make_hardware_task(env_id: str, env: dict[str, Any]) -> Any:

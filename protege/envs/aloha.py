@@ -38,6 +38,7 @@ import gymnasium as gym
 import numpy as np
 
 from protege.errors import ConfigError
+from protege.hardware.cameras import close_renderer
 
 TASKS = ("transfer_cube", "insertion")
 CAMERAS = ("top", "angle", "left_wrist", "right_wrist", "left_pillar", "right_pillar", "front_close")
@@ -78,28 +79,11 @@ def load_model(task: str, end_effector: bool = False, max_faces: int | None = No
     return model
 
 
-@functools.lru_cache(maxsize=64)
 def _decimated_stl(path: Path, max_faces: int) -> bytes:
-    """A binary STL with at most `max_faces` triangles (quadric edge collapse, fast-simplification).
+    """The ViperX STLs are in mm: merge vertices on a 1 mm grid, then simplify (`meshes.decimated_stl`)."""
+    from protege.hardware.meshes import decimated_stl
 
-    The ViperX meshes have ~30k triangles per arm: software GL spends ~95 % of a small frame
-    transforming them, and at 96x128 px a few thousand look the same."""
-    import fast_simplification
-
-    raw = path.read_bytes()
-    n = int(np.frombuffer(raw, np.uint32, 1, 80)[0])
-    rec = np.dtype([("normal", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
-    tri = np.frombuffer(raw, rec, n, 84)["v"].reshape(-1, 3)
-    # merge vertices on a 1 mm grid (the STLs are in mm): it fuses the fine detail (and duplicate
-    # vertices) that quadric simplification alone cannot collapse on these meshes
-    points, faces = np.unique(np.round(tri), axis=0, return_inverse=True)
-    faces = faces.reshape(-1, 3)
-    faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
-    if len(faces) > max_faces:
-        points, faces = fast_simplification.simplify(points, faces, target_count=max_faces)
-    out = np.zeros(len(faces), rec)
-    out["v"] = points[faces]
-    return raw[:80] + np.uint32(len(faces)).tobytes() + out.tobytes()
+    return decimated_stl(path, max_faces, grid=1.0)
 
 
 def sample_object_poses(task: str, rng: np.random.Generator) -> np.ndarray:
@@ -280,19 +264,8 @@ class AlohaEnv(gym.Env):
 
     def close(self) -> None:
         if self._renderer is not None:
-            _close_renderer(self._renderer)
+            close_renderer(self._renderer)
             self._renderer = None
-
-
-def _close_renderer(renderer: Any) -> None:
-    """mujoco.Renderer.close frees its GL objects after destroying its own context, i.e. in whichever
-    context is current: with several renderers in one process (a vector env) that can be another
-    env's, whose meshes then vanish. Free them in the renderer's own context first."""
-    if getattr(renderer, "_gl_context", None) is not None and getattr(renderer, "_mjr_context", None) is not None:
-        renderer._gl_context.make_current()
-        renderer._mjr_context.free()
-        renderer._mjr_context = None
-    renderer.close()
 
 
 def _make_renderer(model: Any, height: int, width: int) -> Any:
@@ -467,3 +440,35 @@ class AlohaExpert:
             self.plan = self.sim.joint_trajectory(env.initial_object_poses, env.max_episode_steps, self.noise, self.rng)
             self._planned_for = env.episode
         return self.plan[min(env.t, len(self.plan) - 1)].astype(np.float32)
+
+
+class AlohaHardwareTask:
+    """An ALOHA task on the HAL robot (`protege/hardware/aloha_robot.py`, `protege run hardware=aloha_mujoco`):
+    the same object poses per seed and the same sticky success (ACT's top reward stage) as `AlohaEnv`.
+    Success needs the simulator's contacts, so this task only runs on the simulated robot."""
+
+    action_space = "joint_pos"
+    # the policy's obs/state is AlohaEnv's [left 6, left gripper, right 6, right gripper]; env_state the objects
+    state_keys = {"state": ["left_arm", "left_arm_gripper", "right_arm", "right_arm_gripper"], "env_state": ["env_state"]}
+
+    def __init__(self, task: str, max_episode_steps: int = 400) -> None:
+        if task not in TASKS:
+            raise ConfigError(f"unknown ALOHA task {task!r}; expected one of {TASKS}")
+        self.name, self.max_episode_steps = task, int(max_episode_steps)
+        self.robot_options = {"scene": task}  # the robot must load this task's scene (its objects)
+        self.robot: Any = None
+        self.max_stage = 0
+
+    def reset(self, robot: Any, rng: np.random.Generator) -> None:
+        if getattr(robot, "scene", None) != self.name:
+            raise ConfigError(f"ALOHA task {self.name!r} needs the aloha_mujoco robot with scene={self.name!r}, "
+                              f"got {getattr(robot, 'name', robot)!r}")
+        robot.reset_scene(sample_object_poses(self.name, rng))
+        self.robot, self._contacts, self.max_stage = robot, _Contacts(robot.model, self.name), 0
+
+    def success(self, obs: Any) -> bool:
+        self.max_stage = max(self.max_stage, self._contacts.stage(self.robot.data))
+        return self.max_stage == 4
+
+    def episode_info(self) -> dict[str, int]:
+        return {"max_stage": int(self.max_stage)}

@@ -1,13 +1,18 @@
 """A 2-D point mass: the smallest task that still shows what a policy class can and cannot learn.
 
 - `pointmass`: reach a random goal from a random start (goal in the observation).
+- `pointmass_image_goal`: the same, but the state holds only the agent's position: the goal is seen
+  in the `top` camera and nowhere else, so a policy succeeds only if it reads the goal from pixels.
 - `pointmass_bimodal`: from the left, reach a fixed goal on the right around a disc obstacle. The
   expert flips a coin per episode to pass above or below, so the demonstrations hold two equally
   good routes and no observation tells which: MSE regression averages them (into the obstacle),
   a generative policy such as Diffusion Policy should use both.
 
-Observation `{"state": [x, y, goal_x, goal_y]}` (+ `{"top": (n, n, 3) uint8}` with `cameras=("top",)`,
-a top-down picture drawn with numpy: image policies can be tested with no GL at all), action: velocity in [-1, 1]^2 (times `max_step`).
+Observation `{"state": [x, y, goal_x, goal_y]}` (`[x, y]` with `goal_in_state=False`) (+ `{"top": (n, n, 3)
+uint8}` with `cameras=("top",)`, a top-down picture drawn with numpy: image policies can be tested with
+no GL at all), action: velocity in [-1, 1]^2 (times `max_step`). Discs are drawn anti-aliased with a
+radius of at least `min_radius_px`, so at 32x32 the agent is always visible and its sub-pixel position
+shows in the edge intensities (a hard-edged 0.6-pixel disc could vanish between pixel centres).
 Entering the obstacle is refused (the point stays where it was).
 """
 
@@ -35,6 +40,8 @@ class PointMassEnv(gym.Env):
         render_mode: str | None = None,
         image_size: int = 96,
         cameras: tuple[str, ...] = (),
+        goal_in_state: bool = True,
+        min_radius_px: float = 1.2,
     ) -> None:
         if set(cameras) - {"top"}:
             raise ValueError(f"point-mass cameras: only 'top' exists, got {list(cameras)}")
@@ -42,7 +49,10 @@ class PointMassEnv(gym.Env):
         self.max_step, self.goal_tolerance, self.max_episode_steps = max_step, goal_tolerance, max_episode_steps
         self.render_mode, self.image_size = render_mode, image_size
         self.cameras = tuple(cameras)
-        spaces = {"state": gym.spaces.Box(-1.0, 1.0, (4,), np.float32)}
+        self.goal_in_state, self.min_radius_px = goal_in_state, min_radius_px
+        if not goal_in_state and not self.cameras:
+            raise ValueError("point mass with goal_in_state=False needs cameras=('top',): nothing else shows the goal")
+        spaces = {"state": gym.spaces.Box(-1.0, 1.0, (4 if goal_in_state else 2,), np.float32)}
         spaces.update({c: gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8) for c in self.cameras})
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
@@ -52,7 +62,8 @@ class PointMassEnv(gym.Env):
         self.trace: list[np.ndarray] = []
 
     def _obs(self) -> dict[str, np.ndarray]:
-        obs = {"state": np.concatenate([self.pos, self.goal]).astype(np.float32)}
+        state = np.concatenate([self.pos, self.goal]) if self.goal_in_state else self.pos
+        obs = {"state": state.astype(np.float32)}
         obs.update({c: self._draw(trace=False) for c in self.cameras})
         return obs
 
@@ -95,13 +106,15 @@ class PointMassEnv(gym.Env):
 
     def _draw(self, trace: bool) -> np.ndarray:
         n = self.image_size
-        img = np.full((n, n, 3), 255, np.uint8)
+        img = np.full((n, n, 3), 255.0)
         yy, xx = np.mgrid[0:n, 0:n]
         to_px = lambda p: ((p[0] + 1) / 2 * (n - 1), (1 - p[1]) / 2 * (n - 1))  # noqa: E731
 
         def disc(p: np.ndarray, r: float, color: tuple[int, int, int]) -> None:
             cx, cy = to_px(p)
-            img[(xx - cx) ** 2 + (yy - cy) ** 2 <= (r * (n - 1) / 2) ** 2] = color
+            r_px = max(r * (n - 1) / 2, self.min_radius_px)
+            cover = np.clip(r_px + 0.5 - np.hypot(xx - cx, yy - cy), 0.0, 1.0)[..., None]  # ~pixel area inside
+            img[:] = img * (1 - cover) + np.asarray(color, np.float64) * cover
 
         if self.bimodal:
             disc(OBSTACLE_CENTER, OBSTACLE_RADIUS, (90, 90, 90))
@@ -109,7 +122,7 @@ class PointMassEnv(gym.Env):
         for p in self.trace if trace else []:
             disc(p, 0.015, (120, 120, 230))
         disc(self.pos, 0.04, (220, 40, 40))
-        return img
+        return np.rint(img).astype(np.uint8)
 
 
 class PointMassExpert:
@@ -125,7 +138,8 @@ class PointMassExpert:
         self.waypoints = [np.array([0.0, side * ROUTE_Y])] if self.env.bimodal else []
 
     def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        pos, goal = obs["state"][:2].astype(np.float64), obs["state"][2:].astype(np.float64)
+        # the goal from the env, not the observation: with goal_in_state=False only the camera shows it
+        pos, goal = obs["state"][:2].astype(np.float64), self.env.unwrapped.goal.astype(np.float64)
         if self.waypoints and np.linalg.norm(self.waypoints[0] - pos) < 0.1:
             self.waypoints.pop(0)
         target = self.waypoints[0] if self.waypoints else goal

@@ -78,6 +78,29 @@ def env_args_from_dataset(path: str | Path) -> dict[str, Any]:
     return args
 
 
+def checked_env_args(env_args: dict[str, Any], source: str | Path, cameras: tuple[str, ...], image_size: int) -> dict[str, Any]:
+    """A copy of `env_args` for this robosuite: env checked, cameras set, an old controller config converted."""
+    import robosuite
+
+    env_args = json.loads(json.dumps(env_args))
+    if env_args.get("type", ROBOSUITE_TYPE) != ROBOSUITE_TYPE:
+        raise DataError(source, "env_args/type", f"{ROBOSUITE_TYPE} (a robosuite env)", repr(env_args.get("type")))
+    if env_args["env_name"] not in robosuite.ALL_ENVIRONMENTS:
+        raise DataError(source, "env_args/env_name", f"an env robosuite {robosuite.__version__} has "
+                        f"(e.g. {', '.join(sorted(robosuite.ALL_ENVIRONMENTS)[:6])}, ...)", repr(env_args["env_name"]))
+    kwargs = env_args["env_kwargs"]
+    if cameras:
+        kwargs.update(camera_names=list(cameras), camera_heights=image_size, camera_widths=image_size)
+    kwargs.pop("has_renderer", None)  # robomimic sets the renderer flags from its own arguments
+    if kwargs.get("controller_configs"):  # datasets recorded with robosuite <= 1.4 hold one arm's config
+        from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
+
+        robot = kwargs.get("robots", "Panda")
+        robot = robot[0] if isinstance(robot, list) else robot
+        kwargs["controller_configs"] = refactor_composite_controller_config(kwargs["controller_configs"], robot, ["right"])
+    return env_args
+
+
 class RobomimicEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
@@ -95,21 +118,10 @@ class RobomimicEnv(gym.Env):
     ) -> None:
         if env_args is None and dataset is None and env_name is None:
             raise ConfigError("task=robomimic needs dataset=<converted robomimic buffer or robomimic hdf5>")
-        env_args = json.loads(json.dumps(env_args or (env_args_from_dataset(dataset) if dataset else default_env_args(env_name))))
         env_utils, obs_utils = _env_utils()
-        import robosuite
-
-        source = dataset or "env_args"
-        if env_args.get("type", ROBOSUITE_TYPE) != ROBOSUITE_TYPE:
-            raise DataError(source, "env_args/type", f"{ROBOSUITE_TYPE} (a robosuite env)", repr(env_args.get("type")))
-        if env_args["env_name"] not in robosuite.ALL_ENVIRONMENTS:
-            raise DataError(source, "env_args/env_name", f"an env robosuite {robosuite.__version__} has "
-                            f"(e.g. {', '.join(sorted(robosuite.ALL_ENVIRONMENTS)[:6])}, ...)", repr(env_args["env_name"]))
+        env_args = env_args or (env_args_from_dataset(dataset) if dataset else default_env_args(env_name))
+        env_args = checked_env_args(env_args, dataset or "env_args", tuple(cameras), image_size)
         self.cameras = tuple(cameras)
-        kwargs = env_args["env_kwargs"]
-        if self.cameras:
-            kwargs.update(camera_names=list(self.cameras), camera_heights=image_size, camera_widths=image_size)
-        kwargs.pop("has_renderer", None)  # robomimic sets the renderer flags from its own arguments
         image_keys = [f"{c}_image" for c in self.cameras]
         obs_utils.initialize_obs_utils_with_obs_specs({"obs": {"low_dim": [], "rgb": image_keys}})  # global registry
         self.rm_env = env_utils.create_env_from_metadata(env_meta=env_args, render=False,
@@ -118,7 +130,10 @@ class RobomimicEnv(gym.Env):
         self.rm_env.postprocess_visual_obs = False  # keep uint8 HWC frames (robomimic would make float CHW)
         self.env_args = self.rm_env.serialize()
         self.max_episode_steps = max_episode_steps
-        self.render_mode, self.render_camera, self.render_size = render_mode, render_camera, render_size
+        # robosuite's offscreen context is sized by the first render: frames larger than the camera
+        # observations come out as garbage, so a video of a camera task is rendered at their size
+        self.render_size = image_size if self.cameras else render_size
+        self.render_mode, self.render_camera = render_mode, render_camera
         obs = self._obs(self.rm_env.reset())
         self.observation_space = gym.spaces.Dict({
             k: gym.spaces.Box(0, 255, v.shape, np.uint8) if v.dtype == np.uint8 else gym.spaces.Box(-np.inf, np.inf, v.shape, np.float32)

@@ -306,9 +306,10 @@ class MujocoCamera(ThreadedCamera):
     """A camera of a MuJoCo sim backend (`bind(robot)`), rendered at `height` x `width`.
 
     Real time (`realtime=True` robots): a thread renders at `fps` from snapshots of the simulation
-    (`robot.snapshot()`), on its own model copy and GL context, like a real camera beside the
-    control loop. Simulated time: `latest()` renders the current state synchronously (frame age 0),
-    so runs are reproducible."""
+    (`robot.snapshot()`), on its own data and GL context, like a real camera beside the control
+    loop. Simulated time: `latest()` renders the current state synchronously (frame age 0), so runs
+    are reproducible. Frames are drawn with `robot.render_model` when the robot has one (the same
+    scene with lighter meshes), else `robot.model`."""
 
     backend = "mujoco"
 
@@ -318,9 +319,10 @@ class MujocoCamera(ThreadedCamera):
         self.camera, self.height, self.width, self.fps = camera or name, int(height), int(width), float(fps)
         self.robot: Any = None
         self._renderer: Any = None
+        self._data: Any = None
 
     def bind(self, robot: Any) -> None:
-        self.robot = robot
+        self.robot, self._data = robot, None
 
     @property
     def threaded(self) -> bool:
@@ -336,7 +338,10 @@ class MujocoCamera(ThreadedCamera):
         if self.threaded:
             return super().latest()
         self.frames += 1
-        return Frame(self._render(self.robot.data), self.clock(), self.frames)
+        if self._data is None:
+            self._open()
+        image, _, t = self._grab()
+        return Frame(image, t, self.frames)
 
     def stop(self) -> None:
         if self.threaded:
@@ -344,29 +349,35 @@ class MujocoCamera(ThreadedCamera):
         else:
             self._close()
 
+    @property
+    def _model(self) -> Any:
+        return getattr(self.robot, "render_model", None) or self.robot.model
+
     def _open(self) -> None:
         import mujoco
 
         self._next = time.monotonic()
-        self._data = mujoco.MjData(self.robot.model)
+        self._data = mujoco.MjData(self._model)
 
     def _grab(self) -> tuple[np.ndarray, None, float]:
         import mujoco
 
-        delay = self._next - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        self._next = max(self._next + 1.0 / self.fps, time.monotonic())
+        if self.threaded:  # pace like a camera at `fps`
+            delay = self._next - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self._next = max(self._next + 1.0 / self.fps, time.monotonic())
         t = self.robot.snapshot(self._data)  # the capture instant: the simulation state the frame shows
-        mujoco.mj_kinematics(self.robot.model, self._data)  # poses only: cameras need no dynamics
-        mujoco.mj_camlight(self.robot.model, self._data)
+        mujoco.mj_kinematics(self._model, self._data)  # poses only: cameras need no dynamics
+        mujoco.mj_comPos(self._model, self._data)  # subtree centres, for cameras that track them
+        mujoco.mj_camlight(self._model, self._data)
         return self._render(self._data), None, t
 
     def _render(self, data: Any) -> np.ndarray:
         import mujoco
 
         if self._renderer is None:  # created in the thread that renders: a GL context is bound to its thread
-            self._renderer = mujoco.Renderer(self.robot.model, self.height, self.width)
+            self._renderer = mujoco.Renderer(self._model, self.height, self.width)
             for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION, mujoco.mjtRndFlag.mjRND_SKYBOX):
                 self._renderer.scene.flags[flag] = 0
         self._renderer.update_scene(data, camera=self.camera)
@@ -374,13 +385,24 @@ class MujocoCamera(ThreadedCamera):
 
     def _close(self) -> None:
         if not self.threaded and self._renderer is not None:
-            self._renderer.close()
+            close_renderer(self._renderer)
             self._renderer = None
 
     def _thread_exit(self) -> None:
         if self._renderer is not None:  # its GL context belongs to this thread: free it here
-            self._renderer.close()
+            close_renderer(self._renderer)
             self._renderer = None
+
+
+def close_renderer(renderer: Any) -> None:
+    """mujoco.Renderer.close frees its GL objects after destroying its own context, i.e. in whichever
+    context is current: with several renderers in one process (a vector env) that can be another
+    env's, whose meshes then vanish. Free them in the renderer's own context first."""
+    if getattr(renderer, "_gl_context", None) is not None and getattr(renderer, "_mjr_context", None) is not None:
+        renderer._gl_context.make_current()
+        renderer._mjr_context.free()
+        renderer._mjr_context = None
+    renderer.close()
 
 
 BACKENDS: dict[str, type] = {"opencv": OpenCVCamera, "realsense": RealSenseCamera, "replay": ReplayCamera,

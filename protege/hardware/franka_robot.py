@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from protege.errors import ConfigError
-from protege.hardware.base import JointCommand, Limits, MonotonicClock, Observation, RobotError
+from protege.hardware.base import JointCommand, Limits, MonotonicClock, Observation, RobotError, single_arm_features
 from protege.hardware.cameras import CameraError, CameraSet
 from protege.hardware.interpolation import JerkLimitedInterpolator, JointLimits
 from protege.hardware.panda import FRANKA_SPECS, PandaKinematics
@@ -111,6 +111,7 @@ class FrankaRobot:
         if not 0.0 < limit_scale <= 1.0:
             raise ConfigError(f"franka robot: limit_scale (fraction of the joint limits the 1 kHz interpolator "
                               f"may use) must be in (0, 1], got {limit_scale}")
+        self.features = single_arm_features(7, cartesian=True)
         self.clock = MonotonicClock()
         self.camera_set = CameraSet(cameras or {})  # started in connect(), after the arm
         self.cameras = self.camera_set.names()
@@ -162,7 +163,7 @@ class FrankaRobot:
         pos, quat = self.kinematics.fk(q)
         images, stamps = self.camera_set.read()
         return Observation(t=t, joint_pos=q, joint_vel=dq, ee_pos=pos, ee_quat=quat, gripper=np.array([self._gripper_width]),
-                           images=images, image_t=stamps)
+                           images=images, image_t=stamps, features=self.features)
 
     def command(self, cmd: JointCommand) -> None:
         self._check()
@@ -174,10 +175,11 @@ class FrankaRobot:
             self._shm[_SEQ] = self._seq
         if self._gripper_proc is not None:
             last = self._gripper_width if self._gripper_sent is None else self._gripper_sent
-            action = gripper_action(float(cmd.gripper), last, self.gripper_hysteresis)
+            width = float(np.asarray(cmd.gripper).reshape(-1)[0])  # one gripper (features: arm_gripper)
+            action = gripper_action(width, last, self.gripper_hysteresis)
             if action is not None:  # each gripper command blocks the gripper: send changes only
-                self._gripper_requests.put((action, float(cmd.gripper)))
-                self._gripper_sent = float(cmd.gripper)
+                self._gripper_requests.put((action, width))
+                self._gripper_sent = width
 
     def stop(self) -> None:
         """Brake to rest, finish the motion, end the loop. Safe to call twice or after a lost connection."""

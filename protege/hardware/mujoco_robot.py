@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from protege.errors import ConfigError
-from protege.hardware.cameras import CameraSet
-from protege.hardware.base import JointCommand, Limits, MonotonicClock, Observation, RobotError
+from protege.hardware.cameras import CameraSet, close_renderer
+from protege.hardware.base import (Feature, JointCommand, Limits, MonotonicClock, Observation, RobotError,
+                                   single_arm_features)
 from protege.hardware.panda import ARM_JOINTS, FINGER_JOINTS, HOME_Q, EE_SITE, GRIPPER_MAX, PandaKinematics, load_model
 
 IMPEDANCE_K = np.array([600.0, 600.0, 600.0, 600.0, 250.0, 150.0, 50.0])
@@ -61,7 +62,10 @@ class MujocoRobot:
         image_size: int | tuple[int, int] | list[int] = 96,
         timestep: float = 0.002,
         limits: dict[str, Any] | None = None,
+        render_max_faces: int | None = 1000,
     ) -> None:
+        """`render_max_faces`: cameras render a copy of the scene whose visual meshes are decimated to
+        that many triangles each (physics and `render()` keep the shipped meshes); None: the originals."""
         if control not in ("position", "impedance"):
             raise ConfigError(f"mujoco robot: control must be 'position' or 'impedance', got {control!r}")
         self.name, self.realtime, self.control = name, realtime, control
@@ -73,8 +77,11 @@ class MujocoRobot:
         # the offscreen buffer must hold the largest rendered image (and the env's render())
         offscreen = max([max(self.image_size)] + [max(int(c.get("height", 0)), int(c.get("width", 0))) for c in specs.values()])
         self.model = load_model(scene_cams, offscreen, self.timestep)
+        self.render_model = load_model(scene_cams, offscreen, self.timestep, render_max_faces) if render_max_faces else self.model
         self.kinematics = PandaKinematics(load_model())  # its own model copy: IK never touches the sim state
         self.limits = Limits.panda(self.kinematics.lower, self.kinematics.upper, **(limits or {}))
+        self.features = single_arm_features(7, cartesian=True, extra={"cube_pos": Feature((3,), "m (simulator only)"),
+                                                                       "goal_pos": Feature((3,), "m (simulator only)")})
         self.clock: Any = MonotonicClock() if realtime else SimClock(self)
         self.data: Any = None
         self._renderer: Any = None
@@ -125,7 +132,7 @@ class MujocoRobot:
             d.qpos[self.cube_qadr + 3 : self.cube_qadr + 7] = [1, 0, 0, 0]
         if goal_pos is not None:
             d.mocap_pos[self.goal_mocap] = goal_pos
-        self._cmd = JointCommand(q=np.asarray(q, float).copy(), gripper=gripper)
+        self._cmd = JointCommand(q=np.asarray(q, float).copy(), gripper=np.array([gripper], float))
         self._apply(self._cmd)
         mujoco.mj_forward(self.model, d)
         self.t0 = time.monotonic()
@@ -158,6 +165,7 @@ class MujocoRobot:
             ee_quat=quat,
             gripper=np.array([d.qpos[self.finger_qadr].sum()]),
             extra={"cube_pos": cube, "goal_pos": d.mocap_pos[self.goal_mocap].copy()},
+            features=self.features,
         )
 
     def command(self, cmd: JointCommand) -> None:
@@ -165,7 +173,7 @@ class MujocoRobot:
         if self.stopped:
             raise RobotError(f"{self.name}: command after stop(); reconnect first")
         with self._lock:
-            self._cmd = JointCommand(q=np.asarray(cmd.q, float).copy(), gripper=float(cmd.gripper))
+            self._cmd = JointCommand(q=np.asarray(cmd.q, float).copy(), gripper=np.asarray(cmd.gripper, float).reshape(1).copy())
             self._apply(self._cmd)
 
     def stop(self) -> None:
@@ -173,7 +181,7 @@ class MujocoRobot:
         if self.data is None:
             return
         with self._lock:
-            self._cmd = JointCommand(q=self.data.qpos[self.qadr].copy(), gripper=float(self.data.qpos[self.finger_qadr].sum()))
+            self._cmd = JointCommand(q=self.data.qpos[self.qadr].copy(), gripper=np.array([self.data.qpos[self.finger_qadr].sum()]))
             self._apply(self._cmd)
         self.stopped = True
         self.camera_set.stop()  # the run is over; connect() starts them again
@@ -181,7 +189,7 @@ class MujocoRobot:
     def close(self) -> None:
         self.camera_set.stop()
         if self._renderer is not None:
-            self._renderer.close()
+            close_renderer(self._renderer)
             self._renderer = None
 
     # ------------------------------------------------------------------------------- simulation
@@ -223,7 +231,7 @@ class MujocoRobot:
 
     def _apply(self, cmd: JointCommand) -> None:
         self.data.ctrl[:7] = cmd.q
-        self.data.ctrl[7:9] = cmd.gripper / 2
+        self.data.ctrl[7:9] = cmd.gripper[0] / 2
 
     def _require(self) -> Any:
         if self.data is None:

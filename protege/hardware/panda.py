@@ -123,17 +123,29 @@ def scene_xml(cameras: tuple[str, ...] = (), image_size: int = 96, timestep: flo
 
 
 @lru_cache(maxsize=8)
-def _compiled(cameras: tuple[str, ...], image_size: int, timestep: float) -> object:
+def _compiled(cameras: tuple[str, ...], image_size: int, timestep: float, max_faces: int | None) -> object:
     import mujoco
 
-    return mujoco.MjModel.from_xml_string(scene_xml(cameras, image_size, timestep))
+    xml = scene_xml(cameras, image_size, timestep)
+    if not max_faces:
+        return mujoco.MjModel.from_xml_string(xml)
+    from protege.hardware.meshes import decimated_stl
+
+    # visual meshes decimated (they are in metres: merge on a 1 mm grid), collision meshes as shipped
+    d = _assets_dir() / "meshes"
+    assets = {f"visual/{f.name}": decimated_stl(f, max_faces, 1e-3) for f in (d / "visual").glob("*.stl")}
+    xml = xml.replace(f'meshdir="{d}"', 'meshdir="."').replace('file="collision/', f'file="{d}/collision/')
+    return mujoco.MjModel.from_xml_string(xml, assets)
 
 
-def load_model(cameras: tuple[str, ...] = (), image_size: int = 96, timestep: float = 0.002):  # -> mujoco.MjModel
-    """A fresh copy of the compiled scene (compiling the meshes once per process)."""
+def load_model(cameras: tuple[str, ...] = (), image_size: int = 96, timestep: float = 0.002,
+               max_faces: int | None = None):  # -> mujoco.MjModel
+    """A fresh copy of the compiled scene (compiling the meshes once per process). `max_faces`: a copy
+    for rendering, its visual meshes decimated to that many triangles each (~15x faster frames with
+    OSMesa at ~100 px for 1000 faces: 134k triangles -> 10k; mean pixel difference < 1/255)."""
     import copy
 
-    return copy.deepcopy(_compiled(tuple(cameras), int(image_size), float(timestep)))
+    return copy.deepcopy(_compiled(tuple(cameras), int(image_size), float(timestep), max_faces))
 
 
 # home posture: gripper pointing straight down at (0.45, 0, 0.3) m (solved once with `ik` below)

@@ -1,8 +1,9 @@
 """ACT: Action Chunking with Transformers (Zhao et al., RSS 2023), top to bottom in one file.
 
 Predicts a chunk of `chunk_size` future actions from the current observation:
-- every camera goes through a ResNet-18 (one per camera, or shared); its 512-channel feature map is
-  projected to `hidden_dim` tokens with a fixed 2-D sine position embedding;
+- every camera goes through a ResNet-18 (one per camera, or shared; `backbone=conv`: the small
+  group-norm conv trunk of nets/vision.py, for a CPU); its feature map is projected to `hidden_dim`
+  tokens with a fixed 2-D sine position embedding;
 - a transformer encoder reads [latent token, proprioception token, image tokens]; a transformer
   decoder with `chunk_size` learned queries cross-attends to it and emits the chunk (L1 loss);
 - a CVAE: during training, a separate transformer encoder reads [CLS, proprioception, the true action
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from protege.policies.base import Policy, ShapeMeta
-from protege.policies.nets.vision import ImageAugment, resnet18_trunk
+from protege.policies.nets.vision import ImageAugment, build_trunk, resolve_backbone_norm
 
 
 def sine_table(n: int, dim: int) -> torch.Tensor:
@@ -102,9 +103,12 @@ class ACTPolicy(Policy):
         kl_weight: float = 10.0,
         use_vae: bool = True,
         dropout: float = 0.1,
-        backbone_norm: str = "frozen_bn",
+        backbone_norm: str = "auto",
         backbone_weights: str | None = None,
         backbone_lr: float | None = 1e-5,
+        backbone: str = "resnet18",
+        backbone_channels: tuple[int, ...] = (32, 64, 128, 128),
+        backbone_strides: tuple[int, ...] = (2, 2, 2, 2),
         shared_backbone: bool = False,
         image_aug: Mapping[str, Any] | None = None,
         normalization: Mapping[str, str] | None = None,
@@ -112,7 +116,6 @@ class ACTPolicy(Policy):
         super().__init__(shape_meta, 1, chunk_size, n_action_steps, {"state": "gaussian", "action": "gaussian", **(normalization or {})})
         self.chunk_size, self.kl_weight, self.use_vae, self.latent_dim = chunk_size, kl_weight, use_vae, latent_dim
         self.temporal_ensemble = temporal_ensemble
-        self.backbone_lr = backbone_lr
         self.image_keys = [k for k in self.obs_keys if self.shape_meta[k]["kind"] == "image"]
         state_dim = self.state_feature_dim  # all non-image keys form one proprioception token
         D = self.hidden_dim = hidden_dim
@@ -130,8 +133,13 @@ class ACTPolicy(Policy):
         # --- observation tokens
         self.augment = ImageAugment(**(image_aug or {}))
         n_backbones = 1 if shared_backbone else len(self.image_keys)
-        self.backbones = nn.ModuleList(resnet18_trunk(backbone_norm, backbone_weights) for _ in range(n_backbones))
-        self.image_proj = nn.Conv2d(512, D, 1) if self.image_keys else None
+        norm = resolve_backbone_norm(backbone_norm, backbone_weights) if self.image_keys else "group_norm"
+        # ACT's small backbone lr protects pretrained features; a backbone trained from scratch by `auto`
+        # gets the main lr (at 1e-5 a random-init backbone barely moves in a CPU-sized run)
+        self.backbone_lr = None if backbone_norm == "auto" and not backbone_weights else backbone_lr
+        self.backbones = nn.ModuleList(build_trunk(backbone, norm, backbone_weights, backbone_channels, backbone_strides)
+                                       for _ in range(n_backbones))
+        self.image_proj = nn.Conv2d(self.backbones[0].out_channels, D, 1) if self.image_keys else None
         self.state_proj = nn.Linear(state_dim, D) if state_dim else None
         self.latent_proj = nn.Linear(latent_dim, D)
         self.token_pos = nn.Embedding(2, D)  # learned positions of the latent and proprioception tokens

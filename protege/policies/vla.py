@@ -59,6 +59,7 @@ from protege.errors import ConfigError, DataError
 from protege.policies.act import masked_l1
 from protege.policies.base import Policy, ShapeMeta
 from protege.policies.bc import mlp
+from protege.policies.guidance import ChunkGuide, guided_eps, guided_step, guided_velocity
 from protege.policies.nets.unet1d import SinusoidalPosEmb
 
 HEADS = ("l1", "flow", "diffusion")
@@ -419,8 +420,14 @@ class VLAPolicy(Policy):
         # the state token is the last position: keep it separately so the pooled prompt does not drown it
         return torch.cat([pooled, hidden[:, -1].float()], -1) if self.state_proj is not None else pooled
 
+    @property
+    def supports_guide(self) -> bool:
+        """Real-time chunking needs a sampler to guide: the flow and diffusion heads, not l1."""
+        return self.head_type != "l1"
+
     @torch.no_grad()
-    def predict_action(self, obs: Mapping[str, Any]) -> torch.Tensor:
+    def predict_action(self, obs: Mapping[str, Any], guide: ChunkGuide | None = None) -> torch.Tensor:
+        """`guide`: real-time chunking (flow/diffusion heads; `policies/guidance.py`)."""
         obs = {k: (v if k == "instruction" else torch.as_tensor(v, device=self.device)) for k, v in obs.items()}
         if self.head_type == "l1":
             hidden, _ = self._features(obs, self.action_queries[None])
@@ -429,16 +436,23 @@ class VLAPolicy(Policy):
             hidden, mask = self._features(obs, None)
             B = hidden.shape[0]
             x = torch.randn(B, self.horizon, self.action_dim, device=hidden.device)
+            inpaint = None if guide is None else (*self.guide_tensors(guide, B, self.horizon, self.n_obs_steps - 1), guide.max_weight)
             if self.head_type == "flow":
                 dt = 1.0 / self.num_inference_steps
                 for i in range(self.num_inference_steps):  # Euler from t=1 (noise) to t=0 (actions)
-                    t = torch.full((B,), 1.0 - i * dt, device=x.device)
-                    x = x - dt * self.expert(x, t, hidden, mask).float()
+                    t = 1.0 - i * dt
+                    v_fn = lambda xg, t=t: self.expert(xg, torch.full((B,), t, device=xg.device), hidden, mask).float()  # noqa: E731
+                    x = x - dt * (v_fn(x) if inpaint is None else guided_velocity(v_fn, x, t, *inpaint))
             else:
                 cond = self._diffusion_cond(hidden, mask)
                 sched = self.inference_scheduler
                 sched.set_timesteps(self.num_inference_steps, device=x.device)
                 for t in sched.timesteps:
-                    x = sched.step(self.unet(x, t, cond), t, x).prev_sample
+                    net = lambda xg, t=t: self.unet(xg, t, cond)  # noqa: E731
+                    if inpaint is None:
+                        x = sched.step(net(x), t, x).prev_sample
+                    else:
+                        x = guided_step(sched, guided_eps(net, x, float(sched.alphas_cumprod[int(t)]), *inpaint), t, x)
             actions = x
-        return self.action_slice(self.normalizer.unnormalize(self.action_key, actions))
+        actions = self.action_slice(self.normalizer.unnormalize(self.action_key, actions))
+        return actions if guide is None else self.keep_frozen(actions, guide)

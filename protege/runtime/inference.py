@@ -19,10 +19,11 @@ import torch
 from protege.errors import ConfigError
 
 
-def _predict(policy: Any, device: torch.device, obs: dict[str, Any]) -> np.ndarray:
+def _predict(policy: Any, device: torch.device, obs: dict[str, Any], guide: Any = None) -> np.ndarray:
     with torch.no_grad():  # arrays become a batch of 1; the instruction text a list of 1 string
         batch = {k: [v] if isinstance(v, str) else torch.from_numpy(v[None]).to(device) for k, v in obs.items()}
-        return policy.predict_action(batch)[0].float().cpu().numpy()
+        out = policy.predict_action(batch) if guide is None else policy.predict_action(batch, guide=guide)
+        return out[0].float().cpu().numpy()
 
 
 def _serve(policy: Any, device: torch.device, requests: Any, results: Any) -> None:
@@ -33,10 +34,10 @@ def _serve(policy: Any, device: torch.device, requests: Any, results: Any) -> No
         item = requests.get()
         if item is None:
             return
-        step, obs = item
+        step, obs, guide = item
         t0 = time.perf_counter()
         try:
-            chunk = _predict(policy, device, obs)
+            chunk = _predict(policy, device, obs, guide)
             results.put((step, chunk, time.perf_counter() - t0, None))
         except BaseException as e:  # noqa: BLE001 - reported to the control loop, which stops safely
             results.put((step, None, time.perf_counter() - t0, f"{type(e).__name__}: {e}"))
@@ -85,9 +86,10 @@ class InferenceWorker:
             self.close()
             raise RuntimeError(f"the inference {mode} did not start within {start_timeout:g} s")
 
-    def submit(self, step: int, obs: dict[str, Any]) -> None:
+    def submit(self, step: int, obs: dict[str, Any], guide: Any = None) -> None:
+        """`guide`: real-time chunking's constraint on this chunk (policies/guidance.py), or None."""
         self.busy = True
-        self.requests.put((step, obs))
+        self.requests.put((step, obs, guide))
 
     def get(self, timeout: float | None) -> tuple | None:
         """A finished result, waiting up to `timeout` s (0: poll; None: wait for it)."""

@@ -27,10 +27,14 @@ without a fresh action. Ctrl-C / SIGTERM / `EStop.trigger` end the run; every en
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
+import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,7 @@ from protege.datasets.frames import ImageStorage
 from protege.runtime.chunking import ActionExecutor, make_executor, request_lead
 from protege.runtime.inference import InferenceWorker
 from protege.runtime.recorder import Recorder
-from protege.runtime.report import LoopStats, build_report, write_report
+from protege.runtime.report import LATE_WAKE_S, LoopStats, build_report, write_report
 from protege.runtime.settings import EXIT_CODES, RunnerSettings
 
 log = logging.getLogger("protege.runtime")
@@ -65,6 +69,29 @@ def _realtime_priority(priority: int) -> tuple | None:
     return old
 
 
+@contextmanager
+def _gc_watch(stats: LoopStats) -> Iterator[None]:
+    """Time every collection of Python's cyclic GC while the runner runs (a gen-2 pass over torch's and
+    MuJoCo's objects takes milliseconds), and freeze the objects that exist before the loop starts, so
+    later passes do not walk them again."""
+    started: list[float] = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            stats.gc_pauses.append(time.perf_counter() - started.pop())
+
+    gc.collect()
+    gc.freeze()
+    gc.callbacks.append(callback)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(callback)
+        gc.unfreeze()
+
+
 class _Stop(Exception):
     def __init__(self, status: str, message: str) -> None:
         super().__init__(message)
@@ -77,7 +104,7 @@ class Runner:
         policy: Any,
         robot: Any,
         action_space: str,
-        state_keys: list[str],
+        state_keys: list[str] | dict[str, list[str]],
         cameras: list[str] | None = None,
         task: Any = None,
         settings: RunnerSettings | None = None,
@@ -94,7 +121,9 @@ class Runner:
             tasks = meta[self.language_keys[0]].get("tasks", [])
             raise ConfigError(f"runner: the policy is language-conditioned ({self.language_keys[0]!r}); set runner.instruction "
                               f"to the text to follow (it was trained on {tasks})")
-        self.state_keys = list(state_keys)
+        # robot fields behind each state key: a list (-> obs/state) or {policy key name: fields}
+        self.state_keys = dict(state_keys) if isinstance(state_keys, dict) else list(state_keys)
+        self.robot_fields = list(robot.features.state)
         # the cameras: the checkpoint's image keys (+ `cameras`: more whose frames every observation needs)
         self.image_shapes = {k.removeprefix("obs/"): tuple(meta[k]["shape"]) for k in self.policy_keys
                              if meta.get(k, {}).get("kind") == "image"}
@@ -112,7 +141,10 @@ class Runner:
         self.period = 1.0 / float(rate)
         te = self.s.temporal_ensemble
         self.temporal_ensemble = getattr(policy, "temporal_ensemble", None) if te == "policy" else te
-        self.action_space = make_action_space(action_space)
+        if self.s.chunk_join == "rtc" and not getattr(policy, "supports_guide", False):
+            raise ConfigError(f"runner.chunk_join=rtc needs a diffusion or flow policy (guided sampling); "
+                              f"{type(policy).__name__} has none")
+        self.action_space = make_action_space(action_space, robot.features)
         self.safety = SafetyLayer(robot.limits, self.period)
         self.max_steps = self.s.max_steps or (task.max_episode_steps if task is not None else None)
         if not self.max_steps:
@@ -121,8 +153,8 @@ class Runner:
         attrs = {"provenance": {"source": "protege run", "robot": robot.name, **(provenance or {})},
                  "units": {"action": self.action_space.name},
                  **({"tasks": [self.s.instruction]} if self.language_keys else {})}
-        self.recorder = Recorder(self.out_dir, 1.0 / self.period, attrs, enabled=self.s.record,
-                                 image_storage=ImageStorage.parse(self.s.image_codec, self.s.resize))
+        self.recorder = Recorder(self.out_dir / "recording.zarr" if self.out_dir else None, 1.0 / self.period, attrs,
+                                 enabled=self.s.record, image_storage=ImageStorage.parse(self.s.image_codec, self.s.resize))
 
     # ------------------------------------------------------------------------------ observations
     def _observe(self, obs: Observation, now: float) -> tuple[dict[str, np.ndarray] | None, str]:
@@ -172,7 +204,7 @@ class Runner:
         sys.setswitchinterval(2e-4)
         old_sched = _realtime_priority(self.s.rt_priority) if self.robot.clock.realtime else None
         try:
-            with self.estop.signals():
+            with self.estop.signals(), _gc_watch(self.stats):
                 try:
                     self.robot.connect()
                     log.info("runner: %s connected; %d episode(s) at %g Hz; Ctrl-C stops the robot",
@@ -194,7 +226,7 @@ class Runner:
             if stop_error and status == "completed":
                 status, message = "robot_error", stop_error
         report = build_report(status, message, self.stats, self.robot, 1.0 / self.period, self.episodes,
-                              self.task is not None, temporal_ensemble=self.temporal_ensemble,
+                              self.task is not None, temporal_ensemble=self.temporal_ensemble, chunk_join=self.s.chunk_join,
                               safety_interventions=dict(self.safety.counts), recording=self.recorder.path)
         if self.out_dir is not None:
             write_report(report, self.out_dir)
@@ -213,11 +245,13 @@ class Runner:
         robot = self.robot
         if self.task is not None and hasattr(robot, "reset_scene"):
             self.task.reset(robot, np.random.default_rng(self.s.seed + ep))
-        executor = make_executor(self.temporal_ensemble)
+        executor = make_executor(self.temporal_ensemble, self.s.chunk_join, self.s.execute_steps)
         self.policy.reset()
         result = {"episode": ep, "seed": self.s.seed + ep, "success": False, "length": 0}
         self.episodes.append(result)
         self._frame_t: dict[str, float | None] = {}
+        if not self.s.gc_in_episodes:
+            gc.disable()  # no collection inside a tick; young objects are collected when the episode ends
         try:
             obs = robot.read()
             pobs, why = self._observe(obs, robot.clock.now())
@@ -227,12 +261,17 @@ class Runner:
             if worker.busy:  # a request of the previous episode still in flight: its chunk belongs to that scene
                 worker.get(None)
             # first chunk synchronously (also warms the policy up): the loop starts with an action. Its
-            # latency (lazy init, caches) is kept out of the stats that set the request lead time.
+            # latency (lazy init, caches) is reported apart and only sets the lead until a call is measured.
             worker.submit(0, self._window(history))
             self._add(worker.get(None), executor, 0, first=True)
             self._ticks(ep, worker, executor, history, pobs, result)
         finally:
+            if self.task is not None and hasattr(self.task, "episode_info"):  # e.g. ALOHA's max reward stage
+                result.update(self.task.episode_info())
             self.recorder.end_episode()
+            if not self.s.gc_in_episodes:
+                gc.enable()
+                gc.collect()
 
     def _ticks(self, ep: int, worker: InferenceWorker, executor: ActionExecutor, history: deque,
                last_good: dict[str, np.ndarray], result: dict[str, Any]) -> None:
@@ -242,7 +281,7 @@ class Runner:
         watchdog = Watchdog(self.period, self.s.watchdog_timeout)
         hold_reason = ""
         t_next = clock.now()
-        prev_wake = None
+        prev_wake, n_gc = None, len(st.gc_pauses)
         for step in range(self.max_steps + 1):
             clock.sleep_until(t_next)
             now = clock.now()
@@ -251,6 +290,9 @@ class Runner:
             prev_wake = now
             st.wake.append(now)
             st.scheduled.append(t_next)
+            if realtime and now - t_next > LATE_WAKE_S:  # a GC pass since the last tick, or the OS
+                st.late_wakes["gc" if len(st.gc_pauses) > n_gc else "os_scheduling"] += 1
+            n_gc = len(st.gc_pauses)
             if self.estop.triggered:
                 reason = self.estop.reason or "e-stop"
                 raise _Stop(reason if reason in EXIT_CODES else "estop", f"stopped by {reason} at step {step} of episode {ep}")
@@ -269,9 +311,12 @@ class Runner:
                 last_good = pobs
             # inference: collect, then request the next chunk early enough for the measured latency
             self._add(worker.get(0), executor, step)
-            lead = request_lead(st.latency, self.period, self.s.inference_budget) if realtime else 0
-            if pobs is not None and not worker.busy and executor.needs_chunk(step + lead):
-                worker.submit(step, self._window(history))
+            # before any in-episode call is measured, the first chunk's latency sets the lead (it
+            # includes warm-up, so it errs early: a few more stale actions instead of a missed deadline)
+            lead = request_lead(st.latency or st.first_latency, self.period, self.s.inference_budget) if realtime else 0
+            if pobs is not None and not worker.busy and executor.wants_chunk(step + lead):
+                # rtc: the `lead` actions executed before the chunk can arrive are frozen in it
+                worker.submit(step, self._window(history), executor.guide(step, lead))
             if worker.busy and executor.needs_chunk(step):
                 wait = None if not realtime else max(0.0, t_next + self.s.inference_budget * self.period - clock.now())
                 self._add(worker.get(wait), executor, step)
@@ -286,6 +331,7 @@ class Runner:
                 cmd = controller.hold(obs)
                 if pobs is not None:
                     st.deadline_misses += 1
+                    st.miss_causes["inference_slower_than_lead" if st.latency else "no_latency_measured_yet"] += 1
                     hold_reason = (f"the policy missed its deadline (latency {self._latency_ms():.0f} ms, "
                                    f"period {self.period * 1e3:.0f} ms)")
             if fresh:
@@ -320,10 +366,11 @@ class Runner:
         if not self.recorder.enabled:
             return
         row = {f"obs/{k}": v for k, v in pobs.items()}
-        row["obs/state"] = policy_observation(obs, self.state_keys, [])["state"]  # this tick's state even if a frame is missing
-        row.update({"action": action, "robot/t": np.float64(obs.t), "robot/joint_pos": obs.joint_pos,
-                    "robot/joint_vel": obs.joint_vel, "robot/ee_pos": obs.ee_pos, "robot/gripper": obs.gripper,
-                    "command/q": cmd.q, "command/gripper": np.float32(cmd.gripper), "runner/held": np.uint8(held)})
+        # this tick's state even if a frame is missing
+        row.update({f"obs/{k}": v for k, v in policy_observation(obs, self.state_keys, []).items()})
+        row.update({"action": action, "robot/t": np.float64(obs.t), "command/q": cmd.q,
+                    "command/gripper": np.asarray(cmd.gripper, np.float32), "runner/held": np.uint8(held)})
+        row.update({f"robot/{k}": obs.get(k) for k in self.robot_fields})  # every state field the robot declares
         for cam in self.cameras:  # capture time of the recorded frame (robot clock)
             row[f"camera/{cam}_t"] = np.float64(np.nan if self._frame_t.get(cam) is None else self._frame_t[cam])
         if self.language_keys:  # the recording is a language-labelled demo: task 0 = the instruction (attrs["tasks"])

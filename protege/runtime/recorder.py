@@ -1,5 +1,6 @@
-"""Recording of a run: every executed step of an episode, appended to `<out_dir>/recording.zarr`
-(a replay buffer) when the episode ends, also the partial episode of a failed run.
+"""Recording of a run (or a teleop session): every executed step of an episode, appended to a replay
+buffer (`protege run`: `<out_dir>/recording.zarr`) when the episode ends, also the partial episode of
+a failed run.
 
 Steps are kept in memory during the episode (a list append per key on the loop thread) and written
 in one append at its end, so no storage I/O happens inside a tick; `append_episode` commits the
@@ -15,9 +16,9 @@ import numpy as np
 
 
 class Recorder:
-    def __init__(self, out_dir: Path | None, fps: float, attrs: dict[str, Any], enabled: bool = True,
+    def __init__(self, path: Path | None, fps: float, attrs: dict[str, Any], enabled: bool = True,
                  image_storage: Any = None) -> None:
-        self.out_dir, self.fps, self.attrs, self.enabled = out_dir, fps, attrs, enabled and out_dir is not None
+        self.file, self.fps, self.attrs, self.enabled = path, fps, attrs, enabled and path is not None
         self.image_storage = image_storage  # frames.ImageStorage: codec + resize of recorded camera frames
         self.buffer: Any = None
         self.rows: dict[str, list] = {}
@@ -25,7 +26,7 @@ class Recorder:
     @property
     def path(self) -> str | None:
         """The recording, once something was written."""
-        return str(self.out_dir / "recording.zarr") if self.buffer is not None else None
+        return str(self.file) if self.buffer is not None else None
 
     def add(self, row: dict[str, Any]) -> None:
         """One executed step: key -> value (the same keys every step)."""
@@ -40,7 +41,7 @@ class Recorder:
         from protege.datasets.replay_buffer import ReplayBuffer
 
         if self.buffer is None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.buffer = ReplayBuffer.open_or_create(str(self.out_dir / "recording.zarr"), fps=self.fps, attrs=self.attrs,
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            self.buffer = ReplayBuffer.open_or_create(str(self.file), fps=self.fps, attrs=self.attrs,
                                                       image_storage=self.image_storage)
         self.buffer.append_episode({k: np.stack(v) for k, v in rows.items()})

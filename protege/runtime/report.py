@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,9 @@ from typing import Any
 import numpy as np
 
 from protege.runtime.settings import EXIT_CODES
+
+
+LATE_WAKE_S = 5e-4  # a tick woken later than this counts as a late wake (the jitter goal is p99 < 0.5 ms)
 
 
 @dataclass
@@ -27,6 +31,9 @@ class LoopStats:
     missing_frames: int = 0  # ticks whose observation lacked a camera frame
     stale_frames: int = 0  # ticks whose camera frame was older than max_frame_age
     frame_age: list[float] = field(default_factory=list)  # age of every camera frame read (s)
+    miss_causes: Counter = field(default_factory=Counter)  # why the policy was late
+    late_wakes: Counter = field(default_factory=Counter)  # ticks woken > LATE_WAKE_S late, by likely cause
+    gc_pauses: list[float] = field(default_factory=list)  # Python GC collections during the run (s)
 
 
 def _ms(x: np.ndarray, q: float) -> float | None:
@@ -49,6 +56,8 @@ def timing_report(st: LoopStats, realtime: bool) -> dict[str, Any]:
         "stale_actions_dropped": st.stale_actions_dropped,
         "missing_frames": st.missing_frames, "stale_frames": st.stale_frames,
         "frame_age_ms_p50": _ms(np.array(st.frame_age), 50), "frame_age_ms_p99": _ms(np.array(st.frame_age), 99),
+        "miss_causes": dict(st.miss_causes), "late_wakes": dict(st.late_wakes),
+        "gc_collections": len(st.gc_pauses), "gc_pause_ms_max": float(max(st.gc_pauses) * 1e3) if st.gc_pauses else 0.0,
     }
 
 
@@ -93,6 +102,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"stale actions dropped {r['stale_actions_dropped']}",
         *([f"  camera frames: age p50/p99 {f(r['frame_age_ms_p50'])}/{f(r['frame_age_ms_p99'])} ms, "
            f"missing {r['missing_frames']}, too old {r['stale_frames']}"] if r.get("frame_age_ms_p50") is not None else []),
+        f"  misses by cause {r['miss_causes'] or 'none'}; late wakes (> 0.5 ms) by cause {r['late_wakes'] or 'none'}; "
+        f"GC collections {r['gc_collections']} (max {r['gc_pause_ms_max']:.2f} ms)",
         f"  safety interventions: {r['safety_interventions'] or 'none'}",
     ]
     if r.get("robot_diagnostics"):

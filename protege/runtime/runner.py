@@ -20,8 +20,10 @@ from protege.runtime.settings import EXIT_CODES, RunnerSettings
 __all__ = ["EXIT_CODES", "Runner", "RunnerSettings", "build_robot", "format_report", "run_checkpoint"]
 
 
-def build_robot(hardware_cfg: Any, cameras: list[str], image_size: int) -> Any:
-    """Instantiate the robot from its hardware config (`_target_` + kwargs), with the task's cameras."""
+def build_robot(hardware_cfg: Any, cameras: list[str], image_size: int | list[int],
+                options: dict[str, Any] | None = None) -> Any:
+    """Instantiate the robot from its hardware config (`_target_` + kwargs), with the task's cameras
+    and the options its hardware task needs (e.g. which scene to load), unless the config sets them."""
     import hydra.utils
     from hydra.errors import InstantiationException
     from omegaconf import OmegaConf
@@ -30,6 +32,8 @@ def build_robot(hardware_cfg: Any, cameras: list[str], image_size: int) -> Any:
     cfg.setdefault("cameras", list(cameras))
     if cameras:
         cfg.setdefault("image_size", image_size)
+    for k, v in (options or {}).items():
+        cfg.setdefault(k, v)
     try:
         return hydra.utils.instantiate(cfg, _convert_="all")
     except InstantiationException as e:
@@ -64,21 +68,22 @@ def run_checkpoint(cfg: Any) -> dict[str, Any]:
         raise ConfigError("protege run: expected checkpoint=<checkpoint or run dir>")
     ckpt_dir = fileio.resolve_checkpoint(cfg.checkpoint)
     train_cfg = fileio.load_config(ckpt_dir)
-    policy = load_policy(ckpt_dir, train_cfg, device=cfg.device)
+    policy = load_policy(ckpt_dir, train_cfg, device=cfg.device, runtime=cfg.runner.get("runtime", "auto"))
     env = OmegaConf.to_container(train_cfg.task.get("env", {}), resolve=True)
     task = make_hardware_task(train_cfg.task.env_id, env)  # None: the task has no scene on this hardware
     settings = settings_from_config(cfg.runner, env, float(train_cfg.task.fps))
-    state_keys = list(settings.state_keys or (task.state_keys if task is not None else []))
+    state_keys = settings.state_keys or (task.state_keys if task is not None else [])
     if not state_keys:
         raise ConfigError(f"protege run: task {train_cfg.task.name!r} has no hardware task; set runner.state_keys "
                           "(robot fields such as [joint_pos, gripper]) to say what the policy observes")
     cameras = list(env.get("cameras", []))
-    robot = build_robot(cfg.hardware, cameras, int(env.get("image_size", 96)))
+    robot = build_robot(cfg.hardware, cameras, env.get("image_size", 96), getattr(task, "robot_options", None))
     if settings.out_dir is None:
         from datetime import datetime
 
         settings.out_dir = str(Path("runs") / f"run-{robot.name}-{datetime.now():%Y%m%d-%H%M%S}")
-    runner = Runner(policy, robot, env.get("action_space", "ee_delta"), state_keys, cameras, task, settings,
+    action_space = env.get("action_space") or getattr(task, "action_space", "ee_delta")
+    runner = Runner(policy, robot, action_space, state_keys, cameras, task, settings,
                     device=cfg.device, provenance={"checkpoint": str(ckpt_dir)})
     try:
         return runner.run()

@@ -20,6 +20,11 @@ class RunnerSettings:
     max_steps: int | None = None  # per episode; default: the task's max_episode_steps
     # "policy": the policy's own `temporal_ensemble` attribute; None: chunk execution; m (e.g. 0.01): ensembling
     temporal_ensemble: float | None | str = "policy"
+    # switch | ensemble | rtc (real-time chunking: diffusion/flow policies inpaint the next chunk onto
+    # the current one, chunking.py); None: from temporal_ensemble
+    chunk_join: str | None = None
+    execute_steps: int | None = None  # request the next chunk after this many steps of the current one (None: when it runs out)
+    runtime: str = "auto"  # inference runtime: auto (= onnx) | onnx | aoti | eager (policies/export.py; cached in <checkpoint>/export/)
     inference_budget: float = 0.5  # fraction of a period the loop may wait for inference inside a tick
     watchdog_timeout: float = 1.0  # s without a fresh valid action -> the robot is stopped
     seed: int = 100_000  # episode k resets the (simulated) scene with seed + k, as `protege eval` does
@@ -36,6 +41,9 @@ class RunnerSettings:
     max_frame_age: float = 0.25
     image_codec: str | None = None  # recorded frames: jpeg[:quality] | png | raw (default jpeg:95)
     resize: str | None = None  # recorded frames resized to "HxW" (default: as captured)
+    # False: Python's cyclic garbage collector is paused inside episodes (objects from before the run are
+    # frozen, young ones collected between episodes); a collection inside a tick delays it (bench_runtime.py)
+    gc_in_episodes: bool = False
     rt_priority: int = 50  # SCHED_FIFO priority of the control loop thread (Linux; 0: off; needs root or CAP_SYS_NICE)
 
 

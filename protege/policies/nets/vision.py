@@ -1,27 +1,103 @@
 """Image pipeline shared by image policies: uint8 frames -> augmented, ImageNet-normalised tensors ->
-ResNet-18 features; and `CameraEncoders`, which turns the cameras of an observation window into one
-feature vector per step.
+a conv trunk's feature map -> features; and `CameraEncoders`, which turns the cameras of an observation
+window into one feature vector per step.
 
 - Frames arrive from the sampler / env as uint8 `(..., H, W, 3)`; conversion to float, the crop and
   the colour jitter run batched on the policy's device (no per-frame Python loop anywhere).
 - Training: a random crop (`crop_ratio` of each side) and colour jitter, drawn per sample.
   Evaluation: the centre crop of the same size, no jitter.
-- Backbone: torchvision's ResNet-18 without its pooling/classifier. Its batch norm is either frozen
-  (`frozen_bn`, for ImageNet weights, as in ACT), replaced by group norm (`group_norm`, as in
-  Diffusion Policy: batch statistics of tiny, highly correlated robot batches are poor), or kept.
+- Backbone (`build_trunk`): `conv`, a small group-norm conv net (the CPU-sized default), or
+  `resnet18`, torchvision's ResNet-18 without its pooling/classifier (the papers'). The ResNet's batch
+  norm is either frozen (`frozen_bn`, only meaningful with ImageNet weights, as in ACT), replaced by
+  group norm (`group_norm`, as in Diffusion Policy: batch statistics of tiny, highly correlated robot
+  batches are poor), or kept.
+- Why image policies did not learn here before: a ResNet-18 divides the image by 32, so a 32x32 frame
+  became a 1x1 feature map, and a spatial softmax over one cell returns the same coordinates for every
+  image (the features were constant); a 96x128 frame gives 3x4 cells, so keypoints are quantised to a
+  quarter of the image. The conv trunk divides by 4 (32x32 -> 8x8, 96x128 -> 24x32), and
+  `SpatialSoftmax` refuses a 1x1 map. A random-init ResNet with frozen batch-norm statistics cannot
+  adapt its normalisation at all (`resolve_backbone_norm`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from protege.errors import ConfigError
+
+log = logging.getLogger("protege.policies")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMS = ("group_norm", "frozen_bn", "batch_norm")
+BACKBONES = ("conv", "resnet18")
+
+
+def resolve_backbone_norm(norm: str, weights: str | None, owner: str = "policy") -> str:
+    """`auto` -> `frozen_bn` with pretrained weights (ACT's setting), else `group_norm`, and says so.
+
+    Frozen batch norm keeps the statistics of the weights it was loaded with: on a random-init network
+    those are mean 0 / variance 1 placeholders that no gradient can correct, so the features cannot
+    adapt their scale. That pairing is refused rather than silently trained."""
+    if norm == "auto":
+        if weights:
+            return "frozen_bn"
+        log.warning("%s: no backbone_weights, so the backbone trains from scratch with group norm at the main lr "
+                    "(set %s.backbone_weights=IMAGENET1K_V1 or a local .pth/.safetensors file for ACT's "
+                    "frozen-batch-norm ImageNet backbone)", owner, owner)
+        return "group_norm"
+    if norm == "frozen_bn" and not weights:
+        raise ConfigError(f"{owner}.backbone_norm=frozen_bn with {owner}.backbone_weights=null: a random-init backbone "
+                          f"with frozen batch-norm statistics cannot learn features; set {owner}.backbone_weights="
+                          f"IMAGENET1K_V1 or a local .pth/.safetensors file, or {owner}.backbone_norm=group_norm|auto")
+    return norm
+
+
+def _norm_layer(norm: str, channels: int) -> nn.Module:
+    if norm == "group_norm":
+        return nn.GroupNorm(max(1, min(8, channels // 4)), channels)
+    if norm == "batch_norm":
+        return nn.BatchNorm2d(channels)
+    raise ConfigError(f"conv backbone norm {norm!r}: expected group_norm or batch_norm (frozen_bn needs pretrained weights)")
+
+
+class ConvTrunk(nn.Sequential):
+    """Small conv net trained from scratch: 3x3 convs with norm + ReLU, (N, 3, H, W) -> (N, C, H/s, W/s)
+    with s the product of `strides`. Sized for a CPU: at 96x128 it costs ~1/10 of a ResNet-18 and keeps
+    a 4x finer feature map, which is what a spatial softmax needs to locate small objects."""
+
+    def __init__(self, channels: Sequence[int] = (32, 32, 64, 64), strides: Sequence[int] = (2, 1, 2, 1),
+                 norm: str = "group_norm") -> None:
+        if len(channels) != len(strides) or not channels:
+            raise ConfigError(f"conv backbone: channels {list(channels)} and strides {list(strides)} must be non-empty "
+                              f"and of the same length")
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for c, s in zip(channels, strides):
+            layers += [nn.Conv2d(in_ch, c, 3, stride=s, padding=1), _norm_layer(norm, c), nn.ReLU(inplace=True)]
+            in_ch = c
+        super().__init__(*layers)
+        self.out_channels = in_ch
+
+
+def build_trunk(backbone: str = "resnet18", norm: str = "group_norm", weights: str | None = None,
+                channels: Sequence[int] = (32, 32, 64, 64), strides: Sequence[int] = (2, 1, 2, 1)) -> nn.Module:
+    """The image backbone: (N, 3, H, W) -> feature map (N, trunk.out_channels, h, w).
+    `channels`/`strides` shape the `conv` trunk; `weights` the `resnet18` one."""
+    if backbone == "resnet18":
+        trunk = resnet18_trunk(norm, weights)
+        trunk.out_channels = 512
+        return trunk
+    if backbone == "conv":
+        if weights:
+            raise ConfigError(f"backbone weights {weights}: only backbone=resnet18 loads pretrained weights")
+        return ConvTrunk(channels, strides, norm)
+    raise ConfigError(f"backbone {backbone!r}: expected one of {BACKBONES}")
 
 
 def resnet18_trunk(norm: str = "group_norm", weights: str | None = None) -> nn.Module:
@@ -32,8 +108,6 @@ def resnet18_trunk(norm: str = "group_norm", weights: str | None = None) -> nn.M
     """
     import torchvision
     from torchvision.ops.misc import FrozenBatchNorm2d
-
-    from protege.errors import ConfigError
 
     if norm not in NORMS:
         raise ConfigError(f"backbone norm {norm!r}: expected one of {NORMS}")
@@ -58,8 +132,6 @@ def resnet18_trunk(norm: str = "group_norm", weights: str | None = None) -> nn.M
 
 
 def _load_resnet_weights(weights: str) -> dict[str, torch.Tensor]:
-    from protege.errors import ConfigError
-
     path = Path(weights).expanduser()
     if path.suffix in (".pth", ".pt", ".safetensors"):
         if not path.is_file():
@@ -137,6 +209,9 @@ class SpatialSoftmax(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, _, H, W = x.shape
+        if H * W == 1:  # the expected coordinate over one cell is that cell: the same for every image
+            raise ConfigError("spatial softmax over a 1x1 feature map returns the same keypoints for every image: "
+                              "use larger images or a backbone that downsamples less (policy.image.backbone=conv)")
         attn = self.proj(x).flatten(2).softmax(-1)  # (N, K, H*W)
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device), torch.linspace(-1, 1, W, device=x.device), indexing="ij")
         grid = torch.stack([xs.flatten(), ys.flatten()], -1).to(attn.dtype)  # (H*W, 2)
@@ -144,14 +219,17 @@ class SpatialSoftmax(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """One camera: augment -> ResNet-18 -> spatial softmax -> linear, (N, H, W, 3) uint8 -> (N, out_dim)."""
+    """One camera: augment -> trunk -> spatial softmax -> linear, (N, H, W, 3) uint8 -> (N, out_dim).
+    `backbone` defaults to resnet18 so checkpoints written before the conv trunk existed still load;
+    the configs choose (`diffusion_image`: conv, `diffusion_image_paper`: resnet18)."""
 
     def __init__(self, out_dim: int = 64, num_kp: int = 32, norm: str = "group_norm", weights: str | None = None,
-                 crop_ratio: float = 0.9, jitter: float = 0.0) -> None:
+                 crop_ratio: float = 0.9, jitter: float = 0.0, backbone: str = "resnet18",
+                 channels: Sequence[int] = (32, 32, 64, 64), strides: Sequence[int] = (2, 1, 2, 1)) -> None:
         super().__init__()
         self.augment = ImageAugment(crop_ratio, jitter)
-        self.trunk = resnet18_trunk(norm, weights)
-        self.pool = SpatialSoftmax(512, num_kp)
+        self.trunk = build_trunk(backbone, resolve_backbone_norm(norm, weights, "policy.image"), weights, channels, strides)
+        self.pool = SpatialSoftmax(self.trunk.out_channels, num_kp)
         self.out = nn.Linear(2 * num_kp, out_dim)
         self.out_dim = out_dim
 
