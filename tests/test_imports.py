@@ -16,8 +16,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "protege"
 LAYERS = [
     ["protege", "protege.errors", "protege.fileio"],
     ["protege.datasets"],
-    ["protege.hardware"],
-    ["protege.envs"],
+    # robots and the sim tasks built on them: envs use the robot backends, and the ALOHA backend
+    # (hardware/aloha_robot.py) uses the ALOHA scene in envs/aloha.py, so one layer for now
+    ["protege.hardware", "protege.envs"],
     ["protege.policies"],
     ["protege.runtime"],
     ["protege.evaluation"],

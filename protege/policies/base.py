@@ -202,11 +202,10 @@ def build_policy(policy_cfg: Any, shape_meta: ShapeMeta) -> Policy:
     return policy
 
 
-def load_policy(ckpt_dir: str | Path, cfg: Any = None, device: str | torch.device = "cpu",
-                runtime: str = "eager") -> Policy:
+def load_policy(ckpt_dir: str | Path, cfg: Any = None, device: str | torch.device = "cpu", runtime: str = "eager") -> Policy:
     """Rebuild the policy a checkpoint was trained as (its saved config, or `cfg`) and load its weights
     and normalizer strictly; in eval mode on `device`. `runtime` (auto|onnx|aoti|eager): compile its
-    inference, the artefact cached in `<ckpt_dir>/export/`.
+    inference (`Policy.accelerate`), the artefact cached in `<ckpt_dir>/export/`.
 
     A policy built on a pretrained encoder (`obs_encoder.checkpoint`) is built from this checkpoint's
     own encoder instead: the weights come from here anyway, and the pretraining run may be gone."""
