@@ -35,7 +35,8 @@ class RunnerSettings:
     # jitter x1.8-x49 lower than a thread, README "Measured") | thread: any policy object, no start-up cost
     inference: str = "process"
     instruction: str | None = None  # the text a language-conditioned policy (VLA) is given; default: the task's
-    state_keys: list[str] | None = None  # robot fields the policy's obs/state concatenates; default: the task's
+    # robot fields the policy's obs/state concatenates, or {policy key: fields}; default: the task's
+    state_keys: list[str] | dict[str, list[str]] | None = None
     # s: a camera frame older than this (capture time vs the robot's clock) is not acted on: no policy
     # request from it (held steps counted as stale_frames); a camera that stops delivering trips the watchdog
     max_frame_age: float = 0.25
