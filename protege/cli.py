@@ -8,33 +8,15 @@ exit with status 2.
 from __future__ import annotations
 
 import ctypes.util
+import importlib.abc
 import os
+import re
+import shlex
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-USAGE = """usage: protege <command> [args]
-
-commands:
-  train   [overrides]                       train a policy (default: Diffusion Policy on Meta-World push-v3;
-                                            collects the demos first if missing), evaluate, checkpoint
-  eval    checkpoint=<dir> [overrides]      roll a checkpoint out; prints success_rate=<x>, writes eval.json
-  collect task=<name> n_episodes=N out=<p>  scripted-expert demonstrations -> replay buffer
-  inspect <buffer>                          episodes, keys, shapes, dtypes, fps of a replay buffer
-  convert <src> <out> [--format F]          LeRobot v2.1/v3 / robomimic / ALOHA hdf5 / npz folder -> replay buffer
-                                            (resumable); --to lerobot|robomimic exports a buffer
-  validate <buffer>                         read every value: layout, lengths, finite numbers
-  run     checkpoint=<dir> hardware=<name>  drive a robot (mujoco, mujoco_fast, franka) with a policy at its
-          [runner.key=value ...]            control rate; records every step; prints timing; exit code says how it ended
-
-tasks: pointmass, pointmass_bimodal, pointmass_image, metaworld (push-v3), or any Meta-World v3 name (task=door-open-v3),
-       aloha_transfer_cube, aloha_insertion (bimanual, camera `top`; *_state: state-only),
-       franka_reach, franka_push, franka_pick_place (MuJoCo Panda)
-policies: diffusion, diffusion_paper, diffusion_image, bc, act, act_small, beso, idm_bc, idm_diffusion, vla
-stages:   pretrain=idm (inverse-dynamics encoder pretraining; fine-tune with policy.obs_encoder.checkpoint=<run>)
-"""
-
 
 def configure_rendering() -> None:
     """Use software OSMesa for MuJoCo offscreen rendering when it is installed and nothing else was
@@ -44,6 +26,45 @@ def configure_rendering() -> None:
         os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
     if os.environ.get("MUJOCO_GL") == "osmesa":
         _import_triton_first()
+    problem = rendering_problem()
+    if problem and "mujoco" not in sys.modules:
+        sys.meta_path.insert(0, _RendererGuard(problem))
+
+
+# MUJOCO_GL backend -> (library it loads, what provides it). mujoco's own import fails without it.
+_GL_BACKENDS = {"osmesa": ("OSMesa", "libosmesa6"), "egl": ("EGL", "libegl1"), "glfw": ("glfw", "libglfw3")}
+_GL_OFF = ("disable", "disabled", "off", "false", "0")
+
+
+def rendering_problem() -> str | None:
+    """One line naming MUJOCO_GL and what to install when its backend cannot load, else None."""
+    value = os.environ.get("MUJOCO_GL", "").strip().lower()
+    if not value or value in _GL_OFF or not sys.platform.startswith("linux"):
+        return None
+    if value not in _GL_BACKENDS:
+        return (f"MUJOCO_GL={value} is not a MuJoCo rendering backend; use MUJOCO_GL=osmesa (software rendering: "
+                f"apt-get install libosmesa6), egl or glfw, or unset it")
+    lib, package = _GL_BACKENDS[value]
+    if value == "glfw" or ctypes.util.find_library(lib):  # glfw: the pip package bundles its library
+        return None
+    return (f"MUJOCO_GL={value} but lib{lib} is not installed: apt-get install {package} "
+            f"(or unset MUJOCO_GL; software rendering: MUJOCO_GL=osmesa with libosmesa6)")
+
+
+class _RendererGuard(importlib.abc.MetaPathFinder):
+    """Turns the first `import mujoco` under a broken MUJOCO_GL (which fails inside mujoco's GL
+    set-up with a long traceback) into the one-line RenderingError; commands that never touch
+    MuJoCo (unknown names, data tools, the point-mass tasks) are unaffected."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "mujoco":
+            from protege.errors import RenderingError
+
+            raise RenderingError(self.problem)
+        return None
 
 
 def _import_triton_first() -> None:
@@ -60,28 +81,35 @@ def _import_triton_first() -> None:
             pass
 
 
-def _options(group: str) -> list[str]:
-    from protege.policies.base import CONFIG_DIR
+def config_choices(group: str) -> dict[str, str]:
+    """Choices of a config group -> their first sentence (the yaml's leading comment)."""
+    from protege import CONFIG_DIR
 
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    out = {}
+    for p in sorted((CONFIG_DIR / group).glob("*.yaml")):
+        comment = []
+        for line in p.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            if "@package" not in line:
+                comment.append(line.lstrip("#").strip())
+        first = re.split(r"\.\s+(?=[A-Z`(])", " ".join(comment))[0].rstrip(".")  # "et al. 2023" stays whole
+        out[p.stem] = first if len(first) <= 110 else first[:107] + "..."
+    return out
+
+
+def _options(group: str) -> list[str]:
+    return list(config_choices(group))
 
 
 def _expand_task(overrides: list[str]) -> list[str]:
-    """`task=<meta-world name>` -> `task=metaworld task.env.task=<name>` (no yaml per Meta-World task)."""
+    """`task=<name>`: a task yaml, or a variant name (`task=door-open-v3`) -> its yaml + the name."""
+    from protege.envs import expand_task
+
     out = []
     for o in overrides:
         key, _, value = o.partition("=")
-        if key == "task" and value and value not in _options("task"):
-            from protege.envs.metaworld import task_names
-
-            if value in task_names():
-                out += ["task=metaworld", f"task.env.task={value}"]
-                continue
-            from protege.errors import ConfigError
-
-            raise ConfigError(f"unknown task {value!r}; expected one of {_options('task')} or a Meta-World v3 name "
-                              f"(e.g. {', '.join(task_names()[:4])}, ...)")
-        out.append(o)
+        out += expand_task(value) if key == "task" and value else [o]
     return out
 
 
@@ -90,9 +118,11 @@ def compose(config_name: str, overrides: list[str]) -> Any:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from protege import CONFIG_DIR
     from protege.errors import ConfigError
-    from protege.policies.base import CONFIG_DIR
+    from protege.runtime.settings import register_configs
 
+    register_configs()  # runner/default comes from RunnerSettings, not a yaml
     overrides = _expand_task(overrides)
     for o in overrides:
         key, eq, value = o.partition("=")
@@ -107,18 +137,33 @@ def compose(config_name: str, overrides: list[str]) -> Any:
         raise ConfigError(f"config {config_name}.yaml: {str(e).splitlines()[0]}") from e
 
 
+def resume_command(args: list[str], run_dir: str) -> str:
+    """The `protege train` command that continues this run (under torchrun: the same launcher
+    with these arguments)."""
+    keep = [a for a in args if a.partition("=")[0] not in ("run_dir", "resume", "train.stop_at")]
+    return shlex.join(["protege", "train", *keep, f"run_dir={run_dir}", "resume=true"])
+
+
 def cmd_train(args: list[str]) -> int:
+    """train [overrides]
+    train a policy (default: Diffusion Policy on Meta-World push-v3; collects the demos first if missing),
+    evaluate, checkpoint. Overrides are hydra's: group=choice or key=value."""
     from omegaconf import open_dict
 
+    cfg = compose("train", args)  # before the trainer's heavy imports: a bad name fails in a second
     from protege.training.trainer import train
 
-    cfg = compose("train", args)
     with open_dict(cfg):
         if cfg.run_dir is None:
             cfg.run_dir = str(Path("runs") / f"{cfg.task.name}-{cfg.policy.name}-{datetime.now():%Y%m%d-%H%M%S}")
     result = train(cfg)
     print(f"run dir: {result['run_dir']}")
     print(f"checkpoint: {result['checkpoint']}")
+    if result["interrupted"]:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped at step {result['step']} ({signal.Signals(result['interrupted']).name}); continue with:\n"
+                  f"  {resume_command(args, result['run_dir'])}", flush=True)
+        return 128 + result["interrupted"]
     if "eval" in result:
         ev = result["eval"]
         if "video" in ev:
@@ -129,6 +174,9 @@ def cmd_train(args: list[str]) -> int:
 
 
 def cmd_eval(args: list[str]) -> int:
+    """eval checkpoint=<dir> [out=<json>] [overrides]
+    roll a checkpoint out; prints success_rate=<x>, writes eval.json. Overrides apply to the
+    checkpoint's config (eval.n_episodes=100, policy.num_inference_steps=1, ...)."""
     from omegaconf import OmegaConf
 
     from protege.errors import ConfigError
@@ -145,7 +193,7 @@ def cmd_eval(args: list[str]) -> int:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in kv.items()]))
     except Exception as e:  # noqa: BLE001 - omegaconf raises several types for bad dotlists
         raise ConfigError(f"protege eval: bad override: {e}") from e
-    policy = ckpt.load_policy(ckpt_dir, cfg, device=select_device(cfg.device))
+    policy = ckpt.load_policy(ckpt_dir, cfg, device=select_device(cfg.device), runtime=cfg.eval.get("runtime", "auto"))
     # a checkpoint under <run>/checkpoints/step_N reports into <run>; a loose checkpoint into itself
     run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
     out_json = Path(out) if out else run_dir / "eval.json"
@@ -157,19 +205,45 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
+def _dash_options(args: list[str], names: dict[str, str]) -> list[str]:
+    """`--image-codec png` / `--image-codec=png` -> the hydra override `image_codec=png`, so jobs
+    take the same options as `protege convert`."""
+    out, it = [], iter(args)
+    for a in it:
+        flag, eq, value = a.partition("=")
+        if flag in names:
+            if not eq:
+                value = next(it, None)
+                if value is None:
+                    from protege.errors import ConfigError
+
+                    raise ConfigError(f"{flag}: expected a value")
+            out.append(f"{names[flag]}={value}")
+        else:
+            out.append(a)
+    return out
+
+
 def cmd_collect(args: list[str]) -> int:
+    """collect task=<name> n_episodes=N out=<buffer> [--image-codec jpeg[:Q]|png|raw] [--resize HxW]
+    scripted-expert demonstrations -> replay buffer (resumable); camera frames stored as jpeg:95 by default."""
     from omegaconf import OmegaConf
 
     from protege.envs.collect import collect
 
-    cfg = compose("collect", args)
+    from protege.datasets.frames import ImageStorage
+
+    cfg = compose("collect", _dash_options(args, {"--image-codec": "image_codec", "--resize": "resize"}))
+    storage = ImageStorage.parse(cfg.image_codec, cfg.resize)
     buf = collect(cfg.task.env_id, OmegaConf.to_container(cfg.task.env, resolve=True), int(cfg.n_episodes), cfg.out,
-                  fps=cfg.task.fps, seed=int(cfg.seed), only_success=cfg.only_success)
+                  fps=cfg.task.fps, seed=int(cfg.seed), only_success=cfg.only_success, image_storage=storage)
     print(buf.summary())
     return 0
 
 
 def cmd_inspect(args: list[str]) -> int:
+    """inspect <buffer>
+    episodes, keys, shapes, dtypes, fps, frame codec, instructions (with step counts) and robomimic filter keys."""
     from protege.datasets.replay_buffer import ReplayBuffer
     from protege.errors import ConfigError
 
@@ -180,19 +254,24 @@ def cmd_inspect(args: list[str]) -> int:
 
 
 def cmd_convert(args: list[str]) -> int:
+    """convert <src> <out> [--format F] [--to F] [--image-codec jpeg[:Q]|png|raw] [--resize HxW]
+    dataset -> replay buffer (resumable); --to exports a replay buffer to another format."""
     import argparse
 
-    from protege.datasets.adapters import FORMAT_NAMES, convert
+    from protege.datasets.adapters import EXPORT_NAMES, FORMATS, convert, export
     from protege.errors import ConfigError
 
+    formats = "; ".join(f"{n}: {f.summary}" for n, f in FORMATS.items())
     p = argparse.ArgumentParser(prog="protege convert", description="dataset -> replay buffer (resumable); "
-                                "--to robomimic|lerobot exports a buffer")
+                                f"--to {'|'.join(EXPORT_NAMES)} exports a buffer. Formats: {formats}")
     p.add_argument("src")
     p.add_argument("out")
-    p.add_argument("--format", choices=FORMAT_NAMES, help="source format (default: detected)")
-    p.add_argument("--to", choices=["protege", "robomimic", "lerobot"], default="protege", help="output format")
+    p.add_argument("--format", choices=list(FORMATS), help="source format (default: detected)")
+    p.add_argument("--to", choices=["protege", *EXPORT_NAMES], default="protege", help="output format")
     p.add_argument("--fps", type=float, help="control rate, when the source does not record it")
     p.add_argument("--map", action="append", default=[], metavar="KEY=SRC", help="npz: buffer key = npz key (repeatable)")
+    p.add_argument("--image-codec", metavar="jpeg[:Q]|png|raw", help="how camera frames are stored (default jpeg:95)")
+    p.add_argument("--resize", metavar="HxW", help="resize camera frames when writing, e.g. 240x320")
     try:
         a = p.parse_args(args)
     except SystemExit as e:
@@ -200,22 +279,25 @@ def cmd_convert(args: list[str]) -> int:
             return 0
         raise ConfigError("bad arguments (see protege convert --help)") from e
     if a.to != "protege":  # export a replay buffer
-        from protege.datasets.adapters import lerobot, robomimic
         from protege.datasets.replay_buffer import ReplayBuffer
 
-        exporter = {"robomimic": robomimic.export, "lerobot": lerobot.export}[a.to]
-        print(f"wrote {exporter(ReplayBuffer.open(a.src), a.out)}")
+        print(f"wrote {export(ReplayBuffer.open(a.src), a.to, a.out)}")
         return 0
     options = {}
     if a.fps:
         options["fps"] = a.fps
     if a.map:
         options["key_map"] = dict(m.split("=", 1) for m in a.map)
-    print(convert(a.src, a.out, a.format, **options).summary())
+    from protege.datasets.frames import ImageStorage
+
+    storage = ImageStorage.parse(a.image_codec, a.resize)
+    print(convert(a.src, a.out, a.format, image_storage=storage, **options).summary())
     return 0
 
 
 def cmd_validate(args: list[str]) -> int:
+    """validate <buffer>
+    read every value: layout, lengths, finite numbers."""
     from protege.datasets.replay_buffer import ReplayBuffer
     from protege.errors import ConfigError
 
@@ -228,6 +310,9 @@ def cmd_validate(args: list[str]) -> int:
 
 
 def cmd_run(args: list[str]) -> int:
+    """run checkpoint=<dir> hardware=<name> [runner.key=value ...]
+    drive a robot with a policy at its control rate; records every step, prints timing; the exit code
+    says how it ended."""
     import logging
 
     from protege.runtime.runner import format_report, run_checkpoint
@@ -244,18 +329,107 @@ def cmd_run(args: list[str]) -> int:
     return int(report["exit_code"])
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "collect": cmd_collect, "inspect": cmd_inspect,
-            "convert": cmd_convert, "validate": cmd_validate}
+def cmd_record(args: list[str]) -> int:
+    """record hardware=<name> teleop=<keyboard|spacemouse|replay> out=<buffer> [task=<name>]
+    teleoperated demonstrations through the controller and safety layer -> a crash-safe replay buffer."""
+    import logging
+
+    from protege.runtime.record import record_from_config
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("protege.runtime").setLevel(logging.INFO)
+    for o in args:
+        group, _, value = o.partition("=")
+        if group in ("hardware", "teleop") and value not in _options(group):
+            from protege.errors import ConfigError
+
+            raise ConfigError(f"unknown {group} {value!r}; expected one of {_options(group)}")
+    r = record_from_config(compose("record", args))
+    print(f"record: {r['saved']} episode(s) saved, {r['discarded']} discarded, {r['steps']} steps; "
+          f"{r['episodes_in_buffer']} episode(s) in {r['out']}; safety interventions: {r['safety_interventions'] or 'none'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "collect": cmd_collect, "inspect": cmd_inspect,
+            "convert": cmd_convert, "validate": cmd_validate, "run": cmd_run, "record": cmd_record}
+
+
+def _group_choices(group: str) -> str:
+    lines = [f"  {name:26}{summary}" for name, summary in config_choices(group).items()]
+    if group == "task":
+        from protege.envs import ENVS
+
+        lines += [f"  {'':26}or {s.variants.example}" for s in ENVS.values() if s.variants]
+    return "\n".join(lines)
+
+
+def _config_help(config_name: str, section: str | None = None) -> str:
+    """The config groups of `<config_name>.yaml` with their choices, and its keys (or only those
+    under `section`) with their defaults."""
+    from omegaconf import OmegaConf
+
+    from protege import CONFIG_DIR
+
+    cfg = OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml")
+    out = []
+    for entry in cfg.get("defaults", []):
+        if OmegaConf.is_dict(entry):  # `- group: default` (not `- _self_`)
+            ((group, default),) = entry.items()
+            if not config_choices(group):  # a group registered in code (runner: RunnerSettings), no yamls
+                node = compose(config_name, [])[group]
+                out.append(f"{group} options ({group}.key=value):\n" + "\n".join(
+                    f"  {group}.{k}={v}" for k, v in _flat(OmegaConf.to_container(node))))
+                continue
+            fixed = " (set by the checkpoint; override its keys, e.g. policy.num_inference_steps=1)" if section else ""
+            out.append(f"{group}=<choice> (default {default}){fixed}:\n{_group_choices(group)}")
+    body = OmegaConf.masked_copy(cfg, [section]) if section else cfg
+    keys = [f"  {k}={v}" for k, v in _flat(OmegaConf.to_container(body)) if k != "defaults"]
+    return "\n\n".join(out + ["options (key=value; nested keys with dots):\n" + "\n".join(keys)])
+
+
+def _flat(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        items += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+    return items
+
+
+def command_help(name: str) -> str:
+    """`protege <name> --help`: usage line, description and, for config-driven commands, config groups/keys."""
+    usage, _, desc = (COMMANDS[name].__doc__ or name).partition("\n")
+    text = f"usage: protege {usage}\n\n" + "\n".join(line.strip() for line in desc.strip().splitlines())
+    config = {"train": ("train", None), "eval": ("train", "eval"), "collect": ("collect", None), "run": ("run", None),
+              "record": ("record", None)}
+    if name in config:
+        text += "\n\n" + _config_help(*config[name])
+    return text
+
+
+def usage() -> str:
+    """Top-level usage, read from the command docstrings and the task/policy registries."""
+    from protege.envs import ENVS
+
+    lines = ["usage: protege <command> [args]   (protege <command> --help: its options)", "", "commands:"]
+    for doc in (f.__doc__ or "" for f in COMMANDS.values()):
+        usage_line, _, desc = doc.partition("\n")
+        lines += [f"  {usage_line}", f"      {' '.join(desc.split()).split('. ')[0].rstrip('.')}"]
+    variants = "".join(f", or {s.variants.example}" for s in ENVS.values() if s.variants)
+    lines += ["", f"tasks:    {', '.join(config_choices('task'))}{variants}",
+              f"policies: {', '.join(config_choices('policy'))}"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
     if argv[0] not in COMMANDS:
-        print(f"protege: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        print(f"protege: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if argv[0] != "convert" and any(a in ("-h", "--help") for a in argv[1:]):  # convert: argparse's own help
+        print(command_help(argv[0]))
+        return 0
     configure_rendering()
     from protege.errors import ProtegeError
 

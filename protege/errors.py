@@ -19,3 +19,7 @@ class DataError(ProtegeError, ValueError):
 
 class ConfigError(ProtegeError, ValueError):
     """Unknown task/policy names, missing config groups and similar."""
+
+
+class RenderingError(ProtegeError, RuntimeError):
+    """The MuJoCo rendering backend chosen by MUJOCO_GL cannot load (names the variable and the fix)."""

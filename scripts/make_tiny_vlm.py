@@ -1,13 +1,16 @@
 """Build a tiny, randomly initialised vision-language model folder that loads offline like a real one.
 
-    python scripts/make_tiny_vlm.py out/tiny-smolvlm                 # SmolVLM / Idefics3 family (default)
+    python scripts/make_tiny_vlm.py out/tiny-smolvlm                 # SmolVLM family (default)
+    python scripts/make_tiny_vlm.py out/tiny-idefics3 --family idefics3
     python scripts/make_tiny_vlm.py out/tiny-paligemma --family paligemma
     python scripts/make_tiny_vlm.py out/tiny-qwen25vl --family qwen2_5_vl   # or qwen2_vl
     protege train policy=vla policy.pretrained=out/tiny-smolvlm task=pointmass_lang
 
-The folder holds what `save_pretrained` writes for a downloaded checkpoint (config.json,
-model.safetensors, tokenizer + processor files), so the VLA policy loads it through exactly the
-path it uses for real SmolVLM / PaliGemma / Qwen2(.5)-VL weights (transformers' Auto classes, local files only).
+The folder is what transformers' own `save_pretrained` writes for the family's model and processor
+classes (config.json, model.safetensors, tokenizer + processor files), as in a downloaded checkpoint,
+so the VLA policy loads it through exactly the path it uses for real SmolVLM / Idefics3 / PaliGemma /
+Qwen2(.5)-VL weights (transformers' Auto classes, local files only), with the same processor
+dependencies (SmolVLM's processor needs `num2words`, SmolVLM's and Qwen2-VL's need torchvision).
 No pretrained weights can be fetched on an offline machine: this is the stand-in for tests and
 CPU-scale experiments. The tokenizer is a byte-level BPE trained here with `tokenizers` on a small
 corpus of robot instructions, so any text tokenizes (unknown words fall back to bytes).
@@ -18,7 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-FAMILIES = ("smolvlm", "paligemma", "qwen2_5_vl", "qwen2_vl")
+FAMILIES = ("smolvlm", "idefics3", "paligemma", "qwen2_5_vl", "qwen2_vl")
 
 # Words a robot instruction uses (incl. the protege language tasks), so common words get own tokens.
 CORPUS = """
@@ -63,18 +66,21 @@ def make_tiny_vlm(out: str | Path, family: str = "smolvlm", image_size: int = 32
                   image_size=image_size, patch_size=patch)
     text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=512)
-    if family == "smolvlm":
-        from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
+    if family in ("smolvlm", "idefics3"):  # SmolVLM is Idefics3's architecture with its own classes
+        import transformers
 
+        prefix = "SmolVLM" if family == "smolvlm" else "Idefics3"
         tokenizer = _tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"], vocab_size)
         scale = 2  # pixel shuffle: (image/patch)^2 / scale^2 image tokens per image
-        config = Idefics3Config(
+        config = getattr(transformers, prefix + "Config")(
             vision_config=vision, text_config=dict(model_type="llama", vocab_size=len(tokenizer), **text),
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=scale, pad_token_id=tokenizer.pad_token_id,
         )
-        image_processor = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": image_size},
-                                                 max_image_size={"longest_edge": image_size})
-        processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=(image_size // patch) ** 2 // scale**2)
+        sizes = dict(do_image_splitting=False, size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size})
+        image_processor = getattr(transformers, prefix + "ImageProcessor")(**sizes)
+        extra = (transformers.SmolVLMVideoProcessor(**sizes),) if family == "smolvlm" else ()
+        processor = getattr(transformers, prefix + "Processor")(image_processor, tokenizer, *extra,
+                                                                image_seq_len=(image_size // patch) ** 2 // scale**2)
     elif family in ("qwen2_5_vl", "qwen2_vl"):
         import transformers
         from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor

@@ -14,9 +14,13 @@ from helpers import train_config
 from protege.cli import main
 from protege.datasets.adapters import convert
 from protege.datasets.adapters.robomimic import export
+from protege.datasets.frames import ImageStorage
 from protege.datasets.replay_buffer import ReplayBuffer
 from protege.errors import DataError
 from protege.training.trainer import train
+
+
+RAW = ImageStorage.parse("raw")  # exact frames, for tests that compare values
 
 
 def make_robomimic(path, lengths=(5, 7, 4), image=(8, 8), names=None, seed=0, mutate=None):
@@ -70,7 +74,7 @@ def make_npz(folder, n=3, T=5, seed=0):
 
 def test_robomimic_import_keeps_order_values_and_metadata(tmp_path):
     src = make_robomimic(tmp_path / "lift.hdf5", lengths=(5, 7, 4), names=["demo_2", "demo_10", "demo_1"])
-    buf = convert(src, tmp_path / "out.zarr", progress=False)
+    buf = convert(src, tmp_path / "out.zarr", progress=False, image_storage=RAW)
     with h5py.File(src) as f:
         for i, demo in enumerate(["demo_1", "demo_2", "demo_10"]):  # robomimic's numeric demo order
             ep = buf.get_episode(i)
@@ -85,12 +89,138 @@ def test_robomimic_import_keeps_order_values_and_metadata(tmp_path):
 
 def test_aloha_import(tmp_path):
     src = make_aloha(tmp_path / "aloha", n=3, cams=("top", "left_wrist"))
-    buf = convert(src, tmp_path / "out.zarr", progress=False)
+    buf = convert(src, tmp_path / "out.zarr", progress=False, image_storage=RAW)
     assert buf.n_episodes == 3 and buf.fps == 50
     assert set(buf.keys()) == {"obs/state", "obs/qvel", "obs/top", "obs/left_wrist", "action"}
     with h5py.File(src / "episode_2.hdf5") as f:
         np.testing.assert_array_equal(buf.get_episode(2)["obs/top"], f["observations/images/top"][()])
     assert buf.attrs["provenance"]["sim"] is True and len(buf.attrs["units"]["joint_names"]) == 14
+
+
+def rgb_frames(T, size=(24, 32), seed=0):
+    """Smooth frames whose R, G and B differ clearly (a red/blue swap is visible)."""
+    yy, xx = np.mgrid[0 : size[0], 0 : size[1]]
+    return np.stack([np.stack([np.full_like(xx, 210), 60 + 3 * xx + t, 30 + 2 * yy + seed], -1)
+                     for t in range(T)]).astype(np.uint8)
+
+
+# act-plus-plus constants.py camera order: the rows of /compress_len (not alphabetical)
+REAL_CAMS = ("cam_high", "cam_low", "cam_left_wrist")
+
+
+def make_aloha_compressed(folder, n=2, T=8, cams=REAL_CAMS, size=(24, 32), depth=True, mutate=None):
+    """Episodes as act-plus-plus's record_episodes.py writes them with COMPRESS=True."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        frames = {c: rgb_frames(T, size, seed=10 * k + i) for k, c in enumerate(cams)}
+        # the recorder's quality 50; per-camera smoothing makes the streams' lengths differ
+        encoded = {c: [cv2.imencode(".jpg", cv2.GaussianBlur(f, (3, 3), k + 1) if k else f, [cv2.IMWRITE_JPEG_QUALITY, 50])[1]
+                       for f in frames[c]] for k, c in enumerate(cams)}
+        if mutate:
+            mutate(i, encoded)
+        lens = np.array([[len(e) for e in encoded[c]] for c in cams])
+        pad = lens.max()
+        with h5py.File(folder / f"episode_{i}.hdf5", "w") as f:
+            f.attrs["sim"] = False
+            f.attrs["compress"] = True
+            f["observations/qpos"] = rng.standard_normal((T, 14))
+            f["observations/qvel"] = rng.standard_normal((T, 14))
+            f["observations/effort"] = rng.standard_normal((T, 14))
+            for c in cams:
+                rows = np.zeros((T, pad), np.uint8)
+                for t, e in enumerate(encoded[c]):
+                    rows[t, : len(e)] = e.ravel()[:pad]
+                f.create_dataset(f"observations/images/{c}", data=rows, chunks=(1, pad))
+            if depth:
+                f["observations/images/cam_high_depth"] = rng.integers(0, 4000, (T, *size), dtype=np.uint16)
+            f["action"] = rng.standard_normal((T, 14))
+            f["base_action"] = rng.standard_normal((T, 2))
+            f.create_dataset("compress_len", data=lens.astype(np.float32))  # float32, as the recorder's default dtype
+    return folder
+
+
+def test_aloha_compressed_import_exact(tmp_path, monkeypatch):
+    import cv2
+
+    from protege.datasets.adapters import aloha
+
+    reads = []
+    original = aloha.JpegRows.__getitem__
+    monkeypatch.setattr(aloha.JpegRows, "__getitem__", lambda self, sl: reads.append(sl.indices(len(self))) or original(self, sl))
+    src = make_aloha_compressed(tmp_path / "real", n=2, T=40)
+    buf = convert(src, tmp_path / "out.zarr", progress=False, image_storage=RAW)
+    assert set(buf.keys()) == {"obs/state", "obs/qvel", "obs/effort", "action", "base_action", "obs/cam_high",
+                               "obs/cam_low", "obs/cam_left_wrist", "obs/cam_high_depth"}
+    assert buf.kinds["obs/cam_high"] == "image" and buf.kinds["obs/cam_high_depth"] == "state"
+    assert buf.kinds["base_action"] == "action"
+    with h5py.File(src / "episode_1.hdf5") as f:
+        ep = buf.get_episode(1)
+        for r, c in enumerate(REAL_CAMS):
+            lens = f["compress_len"][r].astype(int)
+            want = np.stack([cv2.imdecode(row[:n], cv2.IMREAD_COLOR) for row, n in zip(f[f"observations/images/{c}"][()], lens)])
+            np.testing.assert_array_equal(ep[f"obs/{c}"], want, err_msg=c)  # decoded exactly as act-plus-plus does
+        # channel order as recorded: R stays ~210, B stays low (a swap would put 210 in channel 2)
+        assert abs(int(ep["obs/cam_high"][5, 3, 3, 0]) - 210) <= 8 and ep["obs/cam_high"][5, 3, 3, 2] < 120
+        np.testing.assert_array_equal(ep["obs/cam_high_depth"], f["observations/images/cam_high_depth"][()])  # depth raw
+        assert ep["obs/cam_high_depth"].dtype == np.uint16
+        np.testing.assert_array_equal(ep["obs/effort"], f["observations/effort"][()])
+        np.testing.assert_array_equal(ep["base_action"], f["base_action"][()])
+    assert reads and max(stop - start for start, stop, _ in reads) <= 16  # streamed a few frames at a time
+
+
+def _cut(t, cam="cam_high", keep=0.6):
+    def mutate(i, enc):
+        if i == 1:
+            enc[cam][t] = enc[cam][t][: int(len(enc[cam][t]) * keep)]  # the stream was cut; compress_len agrees
+    return mutate
+
+
+def _resized(t, cam="cam_low"):
+    def mutate(i, enc):
+        import cv2
+
+        if i == 1:
+            enc[cam][t] = cv2.imencode(".jpg", rgb_frames(1, (20, 32))[0])[1]
+    return mutate
+
+
+BAD_FRAMES = {
+    "truncated jpeg": (_cut(3), r"observations/images/cam_high frame 3\]: expected a complete JPEG stream.*truncated JPEG"),
+    "frame of another size": (_resized(2), r"observations/images/cam_low frame 2\]: expected a frame of shape \(24, 32, 3\).*\(20, 32, 3\)"),
+    "garbage bytes": (lambda i, enc: i == 1 and enc["cam_left_wrist"].__setitem__(4, np.full((300, 1), 7, np.uint8)),
+                      r"observations/images/cam_left_wrist frame 4\]: expected a JPEG stream"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FRAMES))
+def test_bad_compressed_frames_name_file_camera_frame(tmp_path, case):
+    mutate, pattern = BAD_FRAMES[case]
+    src = make_aloha_compressed(tmp_path / "real", n=3, T=8, depth=False, mutate=mutate)
+    with pytest.raises(DataError, match=r"episode_1\.hdf5 \[" + pattern):
+        convert(src, tmp_path / "o.zarr", progress=False)
+    out = ReplayBuffer.open(tmp_path / "o.zarr")
+    assert out.n_episodes == 1 and out.read("obs/cam_high", slice(None)).shape[0] == 8  # episode 0 only, nothing of 1
+
+
+def test_compress_len_longer_than_the_row(tmp_path):
+    src = make_aloha_compressed(tmp_path / "real", n=1, T=6, depth=False)
+    with h5py.File(src / "episode_0.hdf5", "a") as f:
+        row_len = f["observations/images/cam_low"].shape[1]
+        f["compress_len"][1, 4] = row_len + 10  # row 1 = cam_low (the recorder's order)
+    with pytest.raises(DataError, match=rf"episode_0\.hdf5 \[observations/images/cam_low frame 4\]: expected compress_len at most the row length {row_len}"):
+        convert(src, tmp_path / "o.zarr", progress=False)
+    assert ReplayBuffer.open(tmp_path / "o.zarr").n_episodes == 0
+
+
+def test_compressed_import_default_codec_stays_close(tmp_path):
+    src = make_aloha_compressed(tmp_path / "real", n=1, T=6, depth=False)
+    exact = convert(src, tmp_path / "raw.zarr", progress=False, image_storage=RAW).get_episode(0)["obs/cam_high"]
+    stored = convert(src, tmp_path / "jpeg.zarr", progress=False)  # default: JPEG quality 95
+    got = stored.get_episode(0)["obs/cam_high"]
+    assert "jpeg:95" in stored.summary() and np.abs(got.astype(int) - exact).mean() < 2.0
 
 
 def test_npz_import_with_key_map_and_natural_order(tmp_path):
@@ -101,9 +231,9 @@ def test_npz_import_with_key_map_and_natural_order(tmp_path):
 
 
 def test_round_trip_ours_robomimic_ours(tmp_path):
-    first = convert(make_robomimic(tmp_path / "a.hdf5"), tmp_path / "a.zarr", progress=False)
+    first = convert(make_robomimic(tmp_path / "a.hdf5"), tmp_path / "a.zarr", progress=False, image_storage=RAW)
     export(first, tmp_path / "b.hdf5", progress=False)
-    second = convert(tmp_path / "b.hdf5", tmp_path / "b.zarr", progress=False)
+    second = convert(tmp_path / "b.hdf5", tmp_path / "b.zarr", progress=False, image_storage=RAW)
     assert second.n_episodes == first.n_episodes and set(second.keys()) == set(first.keys())
     for i in range(first.n_episodes):
         a, b = first.get_episode(i), second.get_episode(i)
@@ -266,6 +396,24 @@ def test_validate_cli(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "o.zarr")]) == 2
     err = capsys.readouterr().err
     assert "data/action" in err and "finite" in err and "episode 0" in err
+
+
+def test_inspect_shows_instructions_and_filter_keys(tmp_path, capsys):
+    import re
+
+    make_ours(tmp_path / "lang.zarr", n=3)  # episodes of 8, 9, 10 steps with tasks 0, 1, 0
+    assert main(["inspect", str(tmp_path / "lang.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "tasks (2 instructions; steps):" in out
+    assert re.search(r"0\s+18\s+'push the cube'", out) and re.search(r"1\s+9\s+'lift'", out), out
+    assert "obs/front" in out and "jpeg:95, 1 frame/chunk" in out
+
+    convert(make_robomimic(tmp_path / "r.hdf5", lengths=(5, 7, 4, 6)), tmp_path / "r.zarr", progress=False)
+    assert main(["inspect", str(tmp_path / "r.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "filter keys (robomimic masks; episodes of 4):" in out
+    assert re.search(r"train\s+2\n", out) and re.search(r"valid\s+1\n", out), out
+    assert "tasks (" not in out
 
 
 # ------------------------------------------------------------------ LeRobot

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from protege.cli import main
+from protege.datasets.frames import describe_codec
 from protege.datasets.replay_buffer import ReplayBuffer
 from protege.envs import make_env, make_expert
 from protege.envs.aloha import START_ARM_POSE, normalize_gripper
@@ -152,7 +153,8 @@ def test_collect_writes_image_buffer(tmp_path, capsys):
     assert buf.kinds["obs/top"] == "image" and buf.kinds["obs/state"] == "state" and buf.kinds["action"] == "action"
     top = buf.data["obs/top"]
     assert top.shape == (400, 48, 64, 3) and top.dtype == np.uint8
-    assert 1 < top.chunks[0] < 400 and top.chunks[1:] == (48, 64, 3)  # chunked along time, whole frames
+    assert top.chunks == (1, 48, 64, 3)  # one JPEG frame per chunk: a window decodes only its frames
+    assert describe_codec(top) == "jpeg:95, 1 frame/chunk"  # the default codec of collected frames
     buf.validate_data()
 
 

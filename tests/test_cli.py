@@ -66,3 +66,64 @@ def test_collect_inspect_train_eval(capsys, tmp_path, monkeypatch):
 def test_collect_metaworld_by_name(capsys, tmp_path):
     rc, out, _ = run(capsys, "collect", "task=reach-v3", "n_episodes=2", f"out={tmp_path / 'reach.zarr'}")
     assert rc == 0 and "episodes: 2" in out and "(39,)" not in out and "39)" in out
+
+
+def test_help_reads_the_registries(capsys):
+    from protege.datasets.adapters import EXPORT_NAMES, FORMATS
+    from protege.envs import ENVS
+
+    rc, out, _ = run(capsys, "--help")
+    assert rc == 0 and "pointmass_bimodal" in out and "Meta-World v3 name" in out and "validate <buffer>" in out
+    rc, out, _ = run(capsys, "train", "--help")
+    assert rc == 0 and "task=<choice> (default metaworld)" in out and "policy=<choice> (default diffusion)" in out
+    assert "  bc " in out and "  franka_push " in out and "train.steps=4000" in out
+    rc, out, _ = run(capsys, "eval", "--help")
+    assert rc == 0 and "checkpoint=<dir>" in out and "eval.n_episodes=50" in out and "  diffusion " in out
+    rc, out, _ = run(capsys, "convert", "--help")  # argparse's help: every format and exporter from the registry
+    assert rc == 0 and all(name in out for name in FORMATS) and f"{{protege,{','.join(EXPORT_NAMES)}}}" in out
+    # every task yaml names a registered env, and every registered env class and expert exists
+    from protege.cli import compose, config_choices
+
+    for name in config_choices("task"):
+        assert compose("collect", [f"task={name}"]).task.env_id in ENVS, name
+    import importlib
+
+    for spec in ENVS.values():
+        module = importlib.import_module(spec.module)
+        assert callable(getattr(module, spec.env)) and callable(getattr(module, spec.expert))
+
+
+def test_rendering_problem_names_the_variable_and_the_package(monkeypatch):
+    import ctypes.util
+
+    from protege.cli import rendering_problem
+
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert "MUJOCO_GL=osmesa" in rendering_problem() and "libosmesa6" in rendering_problem()
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    assert "MUJOCO_GL=egl" in rendering_problem() and "libegl1" in rendering_problem()
+    monkeypatch.setenv("MUJOCO_GL", "disable")
+    assert rendering_problem() is None
+
+
+def test_broken_mujoco_gl_one_line_and_no_renderer_where_none_is_needed(tmp_path):
+    """A new user's MUJOCO_GL pointing at a backend that cannot load: name errors and MuJoCo-free
+    commands work as usual; a MuJoCo task gets one line naming the variable and the package."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MUJOCO_GL": "bogus", "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def protege(*args):
+        return subprocess.run([sys.executable, "-m", "protege.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+
+    r = protege("train", "task=no_such_task")
+    assert r.returncode == 2 and "unknown task 'no_such_task'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = protege("collect", "task=push-v3", "n_episodes=1", "out=mw.zarr")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "MUJOCO_GL=bogus" in r.stderr and "libosmesa6" in r.stderr
+    r = protege("collect", "task=pointmass", "n_episodes=2", "out=pm.zarr")  # no MuJoCo: unaffected
+    assert r.returncode == 0 and "episodes: 2" in r.stdout, r.stderr

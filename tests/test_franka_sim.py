@@ -127,6 +127,12 @@ def test_franka_runner_against_franky_sim(sim: FrankySim, tmp_path: Path) -> Non
     # robot time between two 1 kHz cycles: the loop (its own process) never waits for inference; on
     # this shared, loaded 2-core machine the OS may still delay an occasional cycle
     assert d["late_cycles"] <= 0.002 * d["cycles"] and d["max_cycle_gap_ms"] <= 5.0, d
+    # the commanded 1 kHz stream (finite differences, as libfranka checks it) stays within FR3's limits
+    assert 0 < d["max_jerk_ratio"] <= 1.0 and d["max_acceleration_ratio"] <= 1.0 and d["max_velocity_ratio"] <= 1.0, d
+    assert d["interpolator_planner_retries"] <= 5, d
+    print(f"\nfranky-sim: cycles={d['cycles']} late={d['late_cycles']} comm_errors={d['comm_errors']} "
+          f"max_jerk={d['max_jerk']:.0f} (limit {d['jerk_limit']:.0f}) max_jerk_ratio={d['max_jerk_ratio']:.3f} "
+          f"max_acc_ratio={d['max_acceleration_ratio']:.3f} max_vel_ratio={d['max_velocity_ratio']:.3f}")
     buf = ReplayBuffer.open(tmp_path / "run" / "recording.zarr")
     t = buf["robot/t"][: buf.n_steps]
     assert d["cycles"] >= 0.95 * t[-1] * 1000  # ~one cycle per robot millisecond
@@ -152,3 +158,37 @@ def test_franka_connection_lost(sim: FrankySim, tmp_path: Path) -> None:
     buf.validate_data()
     assert buf.n_steps == report["ticks"] >= 5
     assert robot.stopped
+
+
+def test_franka_gripper_grasps_when_closing_and_releases_when_opening(sim: FrankySim) -> None:
+    """A closing command is a force-controlled `grasp` (the Franka Hand holds what it closes on), an
+    opening one a `move` (release); franky-sim runs both through the libfranka gripper protocol."""
+    from protege.hardware.base import JointCommand
+    from protege.hardware.franka_robot import FrankaRobot
+
+    robot = FrankaRobot(sim.host, realtime_config="ignore", gripper_speed=0.2)
+    robot.connect()
+    try:
+        q = robot.read().joint_pos
+
+        def wait_for(key: str, n: int) -> dict:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                robot.read()
+                d = robot.diagnostics()
+                if d[key] >= n:
+                    return d
+                time.sleep(0.05)
+            raise AssertionError(f"no {key} within 30 s: {robot.diagnostics()}")
+
+        robot.command(JointCommand(q=q, gripper=0.0))  # close
+        d = wait_for("gripper_grasps", 1)
+        assert d["gripper_failed_grasps"] == 0 and d["gripper_grasped"] and d["gripper_releases"] == 0, d
+        assert robot.read().gripper[0] < 0.01
+        robot.command(JointCommand(q=q, gripper=0.001))  # jitter within the hysteresis: no new command
+        robot.command(JointCommand(q=q, gripper=0.08))  # open
+        d = wait_for("gripper_releases", 1)
+        assert d["gripper_grasps"] == 1 and not d["gripper_grasped"], d
+        assert robot.read().gripper[0] > 0.07
+    finally:
+        robot.stop()

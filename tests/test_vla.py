@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from helpers import train_config
 from protege.datasets.replay_buffer import ReplayBuffer
@@ -82,7 +83,7 @@ def _batch(buf: ReplayBuffer, keys=OBS_KEYS, n: int = 8) -> dict[str, torch.Tens
     return to_torch(SequenceSampler(buf, keys, 1, 8).gather(np.arange(n)))
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "paligemma", "qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["smolvlm", "idefics3", "paligemma", "qwen2_5_vl", "qwen2_vl"])
 def test_loads_local_folder_and_lora_trains_only_adapters_and_head(tiny_vlm, lang_buffer, family, one_thread):
     vlm_dir = tiny_vlm(family)
     policy = _policy(vlm_dir, lang_buffer, head="l1", lora_rank=4, lora_target_modules=["q_proj", "v_proj"])
@@ -197,6 +198,134 @@ def test_prompt_and_appended_tokens_are_positioned_as_the_model_expects(tiny_vlm
         moved, _ = policy._features(dict(obs, **{"obs/state": obs["obs/state"] + 1.0}), policy.action_queries[None])
     assert not torch.allclose(moved[:, L:], hidden[:, L:], atol=1e-3)
     assert torch.allclose(moved[:, :L][real], hidden[:, :L][real])  # causal: the prompt does not see it
+
+
+def test_bf16_backbone_halves_its_bytes_and_trains_fp32_adapters(vlm_dir, lang_buffer, one_thread):
+    """policy.dtype=bfloat16: the frozen backbone in bf16 (half the bytes), LoRA adapters and heads in fp32."""
+    def frozen_bytes(policy):
+        return sum(p.numel() * p.element_size() for n, p in policy.backbone.named_parameters() if not p.requires_grad)
+
+    fp32 = _policy(vlm_dir, lang_buffer, lora_rank=4)
+    bf16 = _policy(vlm_dir, lang_buffer, lora_rank=4, dtype="bfloat16")
+    assert frozen_bytes(bf16) * 2 == frozen_bytes(fp32) > 0
+    assert {p.dtype for p in bf16.backbone.parameters() if not p.requires_grad} == {torch.bfloat16}
+    trainable = [p for p in bf16.parameters() if p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    loss = bf16.compute_loss(_batch(lang_buffer))["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+    assert torch.isfinite(bf16.predict_action({k: v[:1] for k, v in _batch(lang_buffer).items() if k in OBS_KEYS})).all()
+    with pytest.raises(ConfigError, match="full fine-tuning"):
+        _policy(vlm_dir, lang_buffer, lora_rank=0, dtype="bfloat16")
+    with pytest.raises(ConfigError, match="policy.dtype"):
+        _policy(vlm_dir, lang_buffer, dtype="int8")
+
+
+def test_l1_head_ignores_padded_steps(vlm_dir, lang_buffer, one_thread):
+    """Chunks that run past an episode's end are edge-padded; `action_is_pad` marks those steps and the
+    L1 loss leaves them out: changing a padded target changes nothing, changing a real one does."""
+    torch.manual_seed(0)
+    policy = _policy(vlm_dir, lang_buffer, head="l1", lora_rank=4).eval()
+    batch = _batch(lang_buffer, n=4)
+    batch["action_is_pad"] = torch.zeros(4, 8, dtype=torch.bool)
+    batch["action_is_pad"][:, 5:] = True
+    with torch.no_grad():
+        base = policy.compute_loss(batch)["loss"]
+        garbage = dict(batch, action=batch["action"].clone())
+        garbage["action"][:, 5:] += 100.0
+        assert torch.allclose(policy.compute_loss(garbage)["loss"], base)
+        real = dict(batch, action=batch["action"].clone())
+        real["action"][:, :5] += 1.0
+        assert policy.compute_loss(real)["loss"] > base + 0.1
+        # the masked mean is the mean over the real steps only
+        hidden, _ = policy._features(batch, policy.action_queries[None])
+        pred = policy.action_head(hidden[:, -policy.horizon:].float())
+        target = policy.normalizer.normalize("action", batch["action"].float())
+        assert torch.allclose(base, (pred - target)[:, :5].abs().mean())
+
+
+def _train_vla(vlm_dir: Path, buf: ReplayBuffer, tmp_path: Path, *overrides: str) -> dict:
+    cfg = train_config(tmp_path, "task=pointmass_lang", f"task.dataset={buf.path}", "policy=vla",
+                       f"policy.pretrained={vlm_dir}", "policy.lora_rank=4", "train.batch_size=8", "train.warmup_steps=1",
+                       "train.steps=3", "eval.n_episodes=0", *overrides)
+    return train(cfg, progress=False)
+
+
+def test_ema_state_and_checkpoint_hold_no_frozen_backbone(vlm_dir, lang_buffer, tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    from protege.training.checkpoint import load_train_state
+
+    result = _train_vla(vlm_dir, lang_buffer, tmp_path, "train.ema.enabled=true")
+    ckpt = Path(result["checkpoint"])
+    policy = load_policy(ckpt)
+    named = dict(policy.named_parameters())
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    frozen = {n for n, p in named.items() if not p.requires_grad}
+    assert frozen and all(n.startswith("backbone.") for n in frozen)
+    # EMA shadows exactly the trainable parameters (LoRA + heads), nothing of the frozen backbone
+    ema = load_train_state(ckpt)["ema"]
+    shadow = ema["shadow_params"]
+    assert len(shadow) == len(trainable)
+    assert sum(t.numel() for t in shadow) == sum(named[n].numel() for n in trainable)
+    # the checkpoint: trainable weights + the backbone's fingerprint, not one frozen weight
+    saved = set(load_file(ckpt / "model.safetensors"))
+    assert not saved & frozen and trainable <= saved and "backbone_fingerprint" in saved
+    assert not set(load_train_state(ckpt)["model"]) & frozen
+    # the EMA weights are what was saved (swapped in for saving, then the online ones restored)
+    state = load_file(ckpt / "model.safetensors")
+    online = load_train_state(ckpt)["model"]
+    ordered = [n for n, p in named.items() if p.requires_grad]
+    assert all(torch.equal(state[n], s) for n, s in zip(ordered, shadow, strict=True))
+    assert any(not torch.equal(state[n], online[n]) for n in ordered)
+    # the checkpoint names its backbone: another folder of the same architecture is refused
+    impostor = tmp_path / "impostor"
+    shutil.copytree(vlm_dir, impostor)
+    from safetensors.torch import save_file
+
+    weights = load_file(impostor / "model.safetensors")
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1.0
+    save_file(weights, impostor / "model.safetensors", metadata={"format": "pt"})
+    cfg = OmegaConf.load(ckpt / "config.yaml")
+    cfg.policy.pretrained = str(impostor)
+    with pytest.raises(ConfigError, match="not the ones the checkpoint was trained on"):
+        load_policy(ckpt, cfg)
+
+
+def test_ema_weights_swap_in_place_without_copying_the_policy():
+    from diffusers.training_utils import EMAModel
+
+    from protege.training.trainer import ema_weights
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    net[0].requires_grad_(False)  # the "frozen backbone"
+    params = [p for p in net.parameters() if p.requires_grad]
+    ema = EMAModel(params, decay=0.5, use_ema_warmup=False)
+    for _ in range(3):  # the EMA trails the online weights
+        with torch.no_grad():
+            for p in params:
+                p.add_(1.0)
+        ema.step(params)
+    after = [p.detach().clone() for p in params]
+    with ema_weights(net, ema, params) as deployed:
+        assert deployed is net  # the same object: nothing copied
+        assert all(torch.allclose(p, s) for p, s in zip(params, ema.shadow_params, strict=True))
+        assert not any(torch.equal(p, a) for p, a in zip(params, after, strict=True))
+    assert all(torch.equal(p, a) for p, a in zip(params, after, strict=True))  # online weights back
+
+
+def test_fp16_backbone_trains_with_a_gradient_scaler(vlm_dir, lang_buffer, tmp_path, one_thread):
+    """policy.dtype=float16 + train.amp=fp16: the loss is scaled (GradScaler), adapters stay fp32."""
+    from protege.training.checkpoint import load_train_state
+
+    result = _train_vla(vlm_dir, lang_buffer, tmp_path, "policy.dtype=float16", "train.amp=fp16", "train.ema.enabled=false")
+    assert len(result["losses"]) == 3 and np.isfinite(result["losses"]).all()
+    scaler = load_train_state(Path(result["checkpoint"]))["scaler"]
+    assert scaler and scaler["scale"] > 0  # an enabled GradScaler saves its scale
+    policy = load_policy(result["checkpoint"])
+    assert {p.dtype for p in policy.backbone.parameters() if not p.requires_grad} == {torch.float16}
+    assert {p.dtype for p in policy.parameters() if p.requires_grad} == {torch.float32}
 
 
 def test_clear_errors(vlm_dir, tmp_path, lang_buffer):
@@ -314,3 +443,24 @@ def test_vla_checkpoint_runs_through_protege_run(vlm_dir, tmp_path, one_thread):
     policy = load_policy(result["checkpoint"])
     with pytest.raises(ConfigError, match="runner.instruction"):
         Runner(policy, object(), "ee_delta", ["ee_pos", "goal_pos"], settings=RunnerSettings(rate_hz=10, max_steps=5))
+
+
+def test_flow_and_diffusion_heads_sample_with_rtc_guidance(vlm_dir, lang_buffer, one_thread):
+    from protege.policies.guidance import ChunkGuide, soft_mask
+
+    batch = _batch(lang_buffer, OBS_KEYS, 2)
+    obs = {k: v for k, v in batch.items() if k in OBS_KEYS}
+    target = np.full((6, 2), 0.3, np.float32)
+    guide = ChunkGuide(target, soft_mask(6, 2), 2)
+    assert not _policy(vlm_dir, lang_buffer, head="l1").supports_guide
+    for head in ("flow", "diffusion"):
+        policy = _policy(vlm_dir, lang_buffer, head=head).eval()
+        assert policy.supports_guide
+        torch.manual_seed(0)
+        free = policy.predict_action(obs)
+        torch.manual_seed(0)
+        guided = policy.predict_action(obs, guide=guide)
+        assert torch.isfinite(guided).all() and guided.shape == free.shape
+        assert torch.equal(guided[:, :2], torch.from_numpy(target[:2]).expand(2, 2, 2))  # frozen: exact
+        # the soft part of the overlap is pulled toward the previous chunk's actions
+        assert (guided[:, 2:4] - 0.3).abs().mean() < (free[:, 2:4] - 0.3).abs().mean(), head

@@ -6,6 +6,11 @@ Layout (the data contract, see DESIGN.md)::
     <root>/meta/episode_ends   (n_episodes,) int64, cumulative end index of each episode
     attrs: protege_format, fps, kinds {key: state|action|image|language}, units, provenance
 
+Image keys (uint8 (T, H, W, C)) are stored one frame per chunk through a per-frame image codec
+(JPEG quality 95 by default; PNG or raw on request), chosen when the buffer is created
+(`ImageStorage`, see frames.py); the choice is kept in attrs["image_storage"]. Buffers written before
+that (raw frames, Blosc, ~1 MB chunks) open and read exactly as before.
+
 Crash safety: `append_episode` writes (and fully validates) the data arrays first and only then
 extends `meta/episode_ends`. That last write is the commit point: a process killed at any moment
 leaves data arrays that may be longer than `episode_ends[-1]`; the tail is ignored on open and
@@ -23,6 +28,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from protege.datasets.frames import ImageStorage, LazyFrames, Resized, describe_codec, frame_codec, read_frames
 from protege.errors import DataError
 
 FORMAT_VERSION = 1
@@ -30,6 +36,8 @@ KINDS = ("state", "action", "image", "language")
 # ~1 MB chunks along time: large enough for fast sequential reads, small enough that an append
 # (which rewrites the last partial chunk) stays cheap.
 TARGET_CHUNK_BYTES = 1 << 20
+# Frames a lazy source (e.g. JPEG rows of an hdf5 file) is read and written in: bounds memory.
+LAZY_WRITE_FRAMES = 16
 
 
 def infer_kind(key: str, arr: np.ndarray) -> str:
@@ -76,8 +84,10 @@ class ReplayBuffer:
         fps: float,
         attrs: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        image_storage: ImageStorage | None = None,
     ) -> ReplayBuffer:
-        """Create an empty buffer at `store` (path, URL or zarr store). Refuses to overwrite unless asked."""
+        """Create an empty buffer at `store` (path, URL or zarr store). Refuses to overwrite unless asked.
+        `image_storage` says how image keys are stored (default: JPEG quality 95, original size)."""
         path = _store_repr(store)
         try:
             root = zarr.open_group(store, mode="w" if overwrite else "w-")
@@ -85,6 +95,7 @@ class ReplayBuffer:
             raise DataError(path, None, "an empty location (or overwrite=True)", "existing data") from e
         meta = {"protege_format": FORMAT_VERSION, "fps": float(fps), "kinds": {}, "units": {}, "provenance": {}}
         meta.update(attrs or {})
+        meta["image_storage"] = (image_storage or ImageStorage()).to_attrs()
         root.attrs.update(meta)
         root.require_group("data")
         root.require_group("meta").create_array(
@@ -93,8 +104,9 @@ class ReplayBuffer:
         return cls({}, np.zeros(0, np.int64), meta, group=root, path=path)
 
     @classmethod
-    def open(cls, store: Any, mode: str = "r") -> ReplayBuffer:
-        """Open an existing buffer, validating its layout. `mode` is "r" (read-only) or "a" (append)."""
+    def open(cls, store: Any, mode: str = "r", image_storage: ImageStorage | None = None) -> ReplayBuffer:
+        """Open an existing buffer, validating its layout. `mode` is "r" (read-only) or "a" (append).
+        `image_storage`, when given, must match how the buffer stores frames (a resumed collection)."""
         path = _store_repr(store)
         if isinstance(store, (str, Path)) and "://" not in str(store) and not Path(store).exists():
             raise DataError(path, None, "an existing replay buffer directory", "no such path")
@@ -121,18 +133,23 @@ class ReplayBuffer:
         ends = _committed_prefix(np.asarray(ends_arr[:]))
         buf = cls(data, ends, attrs, group=root, path=path)
         buf._validate()
+        has_frames = "image" in buf.kinds.values() and buf.n_steps
+        if image_storage is not None and has_frames and image_storage != buf.image_storage:
+            raise DataError(path, "attrs/image_storage", f"image storage {image_storage.spec()} (as asked)",
+                            f"a buffer storing frames as {buf.image_storage.spec()}; use the same options or another output")
         return buf
 
     @classmethod
-    def open_or_create(cls, store: Any, fps: float, attrs: Mapping[str, Any] | None = None) -> ReplayBuffer:
+    def open_or_create(cls, store: Any, fps: float, attrs: Mapping[str, Any] | None = None,
+                       image_storage: ImageStorage | None = None) -> ReplayBuffer:
         """Open for appending; create only where nothing exists yet (never inside an unrelated folder)."""
         try:
-            return cls.open(store, mode="a")
+            return cls.open(store, mode="a", image_storage=image_storage)
         except DataError as e:
             is_path = isinstance(store, (str, Path)) and "://" not in str(store)
             if not (e.found == "no such path" or (not is_path and e.found.startswith("not a zarr group"))):
                 raise
-        return cls.create(store, fps=fps, attrs=attrs)
+        return cls.create(store, fps=fps, attrs=attrs, image_storage=image_storage)
 
     @classmethod
     def load(cls, store: Any, keys: list[str] | None = None) -> ReplayBuffer:
@@ -142,7 +159,7 @@ class ReplayBuffer:
         for k in keys:
             src._require_key(k)
         n = src.n_steps
-        data = {k: np.asarray(src.data[k][:n]) for k in keys}
+        data = {k: src.read(k, slice(0, n)) for k in keys}
         return cls(data, src.episode_ends.copy(), src.attrs, group=None, path=src.path)
 
     # ------------------------------------------------------------------ queries
@@ -169,6 +186,11 @@ class ReplayBuffer:
         return list(self.data)
 
     @property
+    def image_storage(self) -> ImageStorage:
+        """How new image keys are stored (old buffers without the attr: the current default)."""
+        return ImageStorage.from_attrs(self.attrs.get("image_storage"))
+
+    @property
     def episode_lengths(self) -> np.ndarray:
         return np.diff(self.episode_ends, prepend=0)
 
@@ -181,7 +203,47 @@ class ReplayBuffer:
 
     def get_episode(self, i: int, keys: list[str] | None = None) -> dict[str, np.ndarray]:
         sl = self.episode_slice(i)
-        return {k: np.asarray(self.data[k][sl]) for k in (keys or self.data)}
+        return {k: self.read(k, sl) for k in (keys or self.data)}
+
+    def read(self, key: str, index: int | slice | np.ndarray | list[int]) -> np.ndarray:
+        """Decoded values of `key` at global step indices: an int, a slice, or an integer array of any
+        shape (result: `index.shape + step shape`; repeats and any order allowed). Reads only the
+        chunks holding those steps (image keys: one frame each) and decodes each once."""
+        self._require_key(key)
+        arr, n = self.data[key], self.n_steps
+        if isinstance(index, slice):
+            if isinstance(arr, np.ndarray):
+                return arr[:n][index]
+            index = np.arange(*index.indices(n))
+        idx = np.asarray(index)
+        if idx.size == 0:
+            idx = idx.astype(np.int64)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"{self.path} [{key}]: step indices must be integers, got {idx.dtype}")
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = int(idx.min() if idx.min() < 0 else idx.max())
+            raise IndexError(f"{self.path} [{key}]: step {bad} out of range (n_steps={n})")
+        if idx.ndim == 0:
+            return np.asarray(arr[int(idx)])
+        if isinstance(arr, np.ndarray):
+            return arr[idx]
+        uniq, inverse = np.unique(idx.ravel(), return_inverse=True)
+        return self._read_sorted(key, uniq)[inverse].reshape(*idx.shape, *arr.shape[1:])
+
+    def _read_sorted(self, key: str, steps: np.ndarray) -> np.ndarray:
+        arr = self.data[key]
+        if frame_codec(arr) is not None:
+            return read_frames(arr, steps, self.path)
+        if not len(steps):
+            return np.empty((0, *arr.shape[1:]), arr.dtype)
+        # contiguous runs as basic slices: zarr's orthogonal (integer-array) selection gathers
+        # every element of every chunk through fancy indexing, ~10x slower on frames
+        cuts = np.flatnonzero(np.diff(steps) != 1) + 1
+        return np.concatenate([np.asarray(arr[int(r[0]) : int(r[-1]) + 1]) for r in np.split(steps, cuts)])
+
+    def read_steps(self, index: int | slice | np.ndarray | list[int], keys: list[str] | None = None) -> dict[str, np.ndarray]:
+        """`read` for several keys at once: {key: values at `index`} (default: every key)."""
+        return {k: self.read(k, index) for k in (keys or self.data)}
 
     def episodes(self) -> Iterator[dict[str, np.ndarray]]:
         for i in range(self.n_episodes):
@@ -201,27 +263,39 @@ class ReplayBuffer:
             raise TypeError(f"{self.path}: in-memory buffers are read-only; open the store with mode='a'")
         if self.group.store.read_only:
             raise DataError(self.path, None, "a buffer opened for appending (mode='a')", "read-only")
-        episode = {k: np.asarray(v) for k, v in episode.items()}
-        self._validate_episode(episode, kinds or {})
+        kinds = dict(kinds or {})
+        episode = {k: self._prepare(k, v, kinds) for k, v in episode.items()}
+        self._validate_episode(episode, kinds)
         n = self.n_steps
         length = len(next(iter(episode.values())))
         data_group = self.group["data"]
         new_kinds = dict(self.attrs.get("kinds", {}))
         for key, arr in episode.items():
             if key not in self.data:
-                kind = (kinds or {}).get(key) or infer_kind(key, arr)
-                self.data[key] = _create_array(data_group, key, arr, kind)
+                kind = kinds.get(key) or infer_kind(key, arr)
+                self.data[key] = _create_array(data_group, key, arr, kind, self.image_storage)
                 new_kinds[key] = kind
-            zarr_arr = self.data[key]
-            zarr_arr.resize((n + length, *arr.shape[1:]))  # also trims an uncommitted tail
-            zarr_arr[n : n + length] = arr.astype(zarr_arr.dtype, copy=False)
-        if new_kinds != self.attrs.get("kinds"):
+        if new_kinds != self.attrs.get("kinds"):  # before the data: a crash leaves no array without a kind
             self.group.attrs["kinds"] = new_kinds
             self.attrs["kinds"] = new_kinds
+        for key, arr in episode.items():
+            zarr_arr = self.data[key]
+            zarr_arr.resize((n + length, *arr.shape[1:]))  # also trims an uncommitted tail
+            _write(zarr_arr, n, arr)
         ends = self.group["meta/episode_ends"]
         ends.resize((self.n_episodes + 1,))
         ends[self.n_episodes] = n + length  # commit point
         self.episode_ends = np.append(self.episode_ends, n + length)
+
+    def _prepare(self, key: str, value: Any, kinds: Mapping[str, str]) -> Any:
+        """An episode value as written: numpy arrays (lazy frame sources stay lazy), image frames
+        resized to the buffer's `resize` as they are read."""
+        arr = value if isinstance(value, LazyFrames) else np.asarray(value)
+        size = self.image_storage.resize
+        kind = kinds.get(key) or self.kinds.get(key) or infer_kind(key, arr)
+        if size and kind == "image" and arr.ndim == 4 and tuple(arr.shape[1:3]) != size:
+            return Resized(arr, size)
+        return arr
 
     def update_attrs(self, **attrs: Any) -> None:
         if self.group is not None:
@@ -273,6 +347,8 @@ class ReplayBuffer:
                 raise DataError(where, f"kinds/{key}", f"one of {KINDS}", repr(kind))
             if kind == "image" and arr.dtype != np.uint8:
                 raise DataError(where, key, "uint8 images (T, H, W, C)", f"dtype {arr.dtype}")
+            if kind == "image" and (arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4)):
+                raise DataError(where, key, "images (T, H, W, C) with 1, 3 or 4 channels", f"shape {tuple(arr.shape)}")
             if key in self.data:
                 existing = self.data[key]
                 if tuple(arr.shape[1:]) != tuple(existing.shape[1:]):
@@ -300,16 +376,40 @@ class ReplayBuffer:
         for key, arr in self.data.items():
             kind = self.kinds.get(key, "?")
             chunks = getattr(arr, "chunks", None)
+            storage = f" {describe_codec(arr)}" if kind == "image" and chunks else ""
             lines.append(f"    {key:<24} {kind:<8} shape {(self.n_steps, *arr.shape[1:])!s:<20} {arr.dtype!s:<8}"
-                         + (f" chunks {chunks}" if chunks else ""))
+                         + (f" chunks {chunks}" if chunks else "") + storage)
             if stats and kind != "image" and self.n_steps:
                 x = np.asarray(arr[: self.n_steps], dtype=np.float64).reshape(self.n_steps, -1)
                 fmt = lambda v: np.array2string(v[:8], precision=3, separator=", ") + (" ..." if len(v) > 8 else "")  # noqa: E731
                 lines.append(f"      min {fmt(x.min(0))}  mean {fmt(x.mean(0))}  max {fmt(x.max(0))}")
+        lines += self._summary_tasks() + self._summary_filter_keys()
         for name in ("units", "provenance"):
             if self.attrs.get(name):
                 lines.append(f"  {name}: {self.attrs[name]}")
         return "\n".join(lines)
+
+    def _summary_tasks(self) -> list[str]:
+        """Instruction strings (attrs["tasks"], indexed by data/task) with how many steps use each."""
+        tasks = list(self.attrs.get("tasks") or [])
+        if not tasks:
+            return []
+        counts = np.zeros(len(tasks), np.int64)
+        if "task" in self.data and self.n_steps:
+            idx = self.read("task", slice(None)).astype(np.int64).ravel()
+            counts = np.bincount(idx[(idx >= 0) & (idx < len(tasks))], minlength=len(tasks))
+        lines = [f"  tasks ({len(tasks)} instructions; steps):"]
+        lines += [f"    {i:>3}  {int(c):>8}  {t!r}" for i, (t, c) in enumerate(zip(tasks, counts))]
+        return lines
+
+    def _summary_filter_keys(self) -> list[str]:
+        """robomimic filter keys (mask/train, mask/valid, ...: episode index lists in attrs["robomimic"])."""
+        masks = (self.attrs.get("robomimic") or {}).get("mask") or {}
+        if not masks:
+            return []
+        lines = [f"  filter keys (robomimic masks; episodes of {self.n_episodes}):"]
+        lines += [f"    {name:<20} {len(idx):>6}" for name, idx in sorted(masks.items())]
+        return lines
 
 
 def check_episode_arrays(where: object, arrays: Mapping[str, np.ndarray], names: Mapping[str, str] | None = None) -> None:
@@ -352,22 +452,36 @@ def _committed_prefix(ends: np.ndarray) -> np.ndarray:
     return ends
 
 
-def _create_array(group: zarr.Group, key: str, first: np.ndarray, kind: str) -> zarr.Array:
-    step_bytes = max(1, first[0].nbytes if len(first) else first.dtype.itemsize)
-    chunk_len = int(max(1, TARGET_CHUNK_BYTES // step_bytes))
-    if kind == "image":
-        # Lossless; byte shuffle + zstd level 1 compresses camera frames ~2-4x at a few hundred MB/s.
-        codec = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
-    else:
-        codec = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=first.dtype.itemsize)
+def _create_array(group: zarr.Group, key: str, first: Any, kind: str, storage: ImageStorage) -> zarr.Array:
     # nested keys ('obs/state') create intermediate groups
     parent, _, name = key.rpartition("/")
     g = group.require_group(parent) if parent else group
-    return g.create_array(
-        name,
-        shape=(0, *first.shape[1:]),
-        chunks=(chunk_len, *first.shape[1:]),
-        dtype=first.dtype,
-        compressors=codec,
-        fill_value=0,
-    )
+    step_shape = tuple(first.shape[1:])
+    if kind == "image":
+        # One frame per chunk (see frames.py). Raw frames: lossless byte shuffle + zstd-1.
+        serializer = storage.serializer(step_shape[-1])
+        return g.create_array(
+            name, shape=(0, *step_shape), chunks=(1, *step_shape),
+            dtype=first.dtype, fill_value=0, serializer=serializer or "auto",
+            compressors=BloscCodec(cname="zstd", clevel=1, shuffle="shuffle") if serializer is None else None,
+        )
+    step_bytes = max(1, int(np.prod(step_shape)) * first.dtype.itemsize)
+    chunk_len = int(max(1, TARGET_CHUNK_BYTES // step_bytes))
+    codec = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=first.dtype.itemsize)
+    return g.create_array(name, shape=(0, *step_shape), chunks=(chunk_len, *step_shape), dtype=first.dtype,
+                          compressors=codec, fill_value=0)
+
+
+def _write(arr: zarr.Array, start: int, values: Any) -> None:
+    """Write `values` at steps [start, start + len). A lazy frame source is read and written a
+    block of frames at a time, aligned to chunk boundaries so no chunk is rewritten: memory stays
+    at a few frames, not an episode."""
+    if not isinstance(values, LazyFrames):
+        arr[start : start + len(values)] = values.astype(arr.dtype, copy=False)
+        return
+    block = arr.chunks[0] * max(1, LAZY_WRITE_FRAMES // arr.chunks[0])
+    pos = 0
+    while pos < len(values):
+        end = min(len(values), pos + block - (start + pos) % block)
+        arr[start + pos : start + end] = values[pos:end]
+        pos = end

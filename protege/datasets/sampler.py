@@ -9,7 +9,7 @@ end `pad_after` steps after it, so every step of every episode is a "current" st
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -89,12 +89,6 @@ class SequenceSampler:
             len(idx), self.horizon, *data[self.action_key].shape[1:])
         out["action_is_pad"] = (t < lo) | (t >= hi)
         return out
-
-    def iter_batches(self, batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:
-        """Infinite stream of uniformly sampled batches as torch tensors. All randomness comes
-        from `rng`, so saving `rng.bit_generator.state` makes the stream resumable exactly."""
-        while True:
-            yield to_torch(self.gather(rng.integers(0, len(self), size=batch_size)))
 
 
 def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -29,77 +29,16 @@ create a GL context.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
 from protege.errors import ConfigError
-
-TASKS = ("transfer_cube", "insertion")
-CAMERAS = ("top", "angle", "left_wrist", "right_wrist", "left_pillar", "right_pillar", "front_close")
-FPS = 50
-N_SUBSTEPS = 10  # control step 20 ms / MuJoCo timestep 2 ms (as in ACT)
-# ACT's arm start pose (6 joints + 2 finger slides per arm)
-START_ARM_POSE = np.array([0, -0.96, 1.16, 0, -0.3, 0, 0.02239, -0.02239] * 2)
-# ACT's normalisation of the finger slide position (0: closed, 1: open)
-GRIPPER_CLOSE, GRIPPER_OPEN = 0.01844, 0.05800
-
-
-def normalize_gripper(x: np.ndarray | float) -> np.ndarray | float:
-    return (x - GRIPPER_CLOSE) / (GRIPPER_OPEN - GRIPPER_CLOSE)
-
-
-def unnormalize_gripper(x: np.ndarray | float) -> np.ndarray | float:
-    return x * (GRIPPER_OPEN - GRIPPER_CLOSE) + GRIPPER_CLOSE
-
-
-def assets_dir() -> Path:
-    """gym-aloha's asset folder, found without importing the package (its envs pull in dm_control)."""
-    spec = importlib.util.find_spec("gym_aloha")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("the ALOHA tasks need the `gym-aloha` package for their robot meshes: pip install gym-aloha")
-    return Path(next(iter(spec.submodule_search_locations))) / "assets"
-
-
-def load_model(task: str, end_effector: bool = False, max_faces: int | None = None) -> Any:
-    """The MjModel of a task: joint-position actuators, or (`end_effector`) mocap-welded grippers.
-    `max_faces` decimates every mesh to at most that many triangles (a model for rendering only)."""
-    import mujoco
-
-    name = f"bimanual_viperx_{'end_effector_' if end_effector else ''}{task}.xml"
-    folder = assets_dir()
-    assets = {p.name: _decimated_stl(p, max_faces) for p in folder.glob("vx300s_*.stl")} if max_faces else None
-    model = mujoco.MjModel.from_xml_path(str(folder / name), assets)
-    model.vis.quality.offsamples = 0  # no multisampling: software GL is slow enough
-    return model
-
-
-@functools.lru_cache(maxsize=64)
-def _decimated_stl(path: Path, max_faces: int) -> bytes:
-    """A binary STL with at most `max_faces` triangles (quadric edge collapse, fast-simplification).
-
-    The ViperX meshes have ~30k triangles per arm: software GL spends ~95 % of a small frame
-    transforming them, and at 96x128 px a few thousand look the same."""
-    import fast_simplification
-
-    raw = path.read_bytes()
-    n = int(np.frombuffer(raw, np.uint32, 1, 80)[0])
-    rec = np.dtype([("normal", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
-    tri = np.frombuffer(raw, rec, n, 84)["v"].reshape(-1, 3)
-    # merge vertices on a 1 mm grid (the STLs are in mm): it fuses the fine detail (and duplicate
-    # vertices) that quadric simplification alone cannot collapse on these meshes
-    points, faces = np.unique(np.round(tri), axis=0, return_inverse=True)
-    faces = faces.reshape(-1, 3)
-    faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
-    if len(faces) > max_faces:
-        points, faces = fast_simplification.simplify(points, faces, target_count=max_faces)
-    out = np.zeros(len(faces), rec)
-    out["v"] = points[faces]
-    return raw[:80] + np.uint32(len(faces)).tobytes() + out.tobytes()
+from protege.hardware.aloha_model import (CAMERAS, FPS, GRIPPER_CLOSE, GRIPPER_OPEN, N_SUBSTEPS,  # noqa: F401 - re-exported
+                                          START_ARM_POSE, TASKS, assets_dir, load_model, normalize_gripper,
+                                          unnormalize_gripper)
+from protege.hardware.cameras import close_renderer
 
 
 def sample_object_poses(task: str, rng: np.random.Generator) -> np.ndarray:
@@ -280,19 +219,8 @@ class AlohaEnv(gym.Env):
 
     def close(self) -> None:
         if self._renderer is not None:
-            _close_renderer(self._renderer)
+            close_renderer(self._renderer)
             self._renderer = None
-
-
-def _close_renderer(renderer: Any) -> None:
-    """mujoco.Renderer.close frees its GL objects after destroying its own context, i.e. in whichever
-    context is current: with several renderers in one process (a vector env) that can be another
-    env's, whose meshes then vanish. Free them in the renderer's own context first."""
-    if getattr(renderer, "_gl_context", None) is not None and getattr(renderer, "_mjr_context", None) is not None:
-        renderer._gl_context.make_current()
-        renderer._mjr_context.free()
-        renderer._mjr_context = None
-    renderer.close()
 
 
 def _make_renderer(model: Any, height: int, width: int) -> Any:
@@ -467,3 +395,35 @@ class AlohaExpert:
             self.plan = self.sim.joint_trajectory(env.initial_object_poses, env.max_episode_steps, self.noise, self.rng)
             self._planned_for = env.episode
         return self.plan[min(env.t, len(self.plan) - 1)].astype(np.float32)
+
+
+class AlohaHardwareTask:
+    """An ALOHA task on the HAL robot (`protege/hardware/aloha_robot.py`, `protege run hardware=aloha_mujoco`):
+    the same object poses per seed and the same sticky success (ACT's top reward stage) as `AlohaEnv`.
+    Success needs the simulator's contacts, so this task only runs on the simulated robot."""
+
+    action_space = "joint_pos"
+    # the policy's obs/state is AlohaEnv's [left 6, left gripper, right 6, right gripper]; env_state the objects
+    state_keys = {"state": ["left_arm", "left_arm_gripper", "right_arm", "right_arm_gripper"], "env_state": ["env_state"]}
+
+    def __init__(self, task: str, max_episode_steps: int = 400) -> None:
+        if task not in TASKS:
+            raise ConfigError(f"unknown ALOHA task {task!r}; expected one of {TASKS}")
+        self.name, self.max_episode_steps = task, int(max_episode_steps)
+        self.robot_options = {"scene": task}  # the robot must load this task's scene (its objects)
+        self.robot: Any = None
+        self.max_stage = 0
+
+    def reset(self, robot: Any, rng: np.random.Generator) -> None:
+        if getattr(robot, "scene", None) != self.name:
+            raise ConfigError(f"ALOHA task {self.name!r} needs the aloha_mujoco robot with scene={self.name!r}, "
+                              f"got {getattr(robot, 'name', robot)!r}")
+        robot.reset_scene(sample_object_poses(self.name, rng))
+        self.robot, self._contacts, self.max_stage = robot, _Contacts(robot.model, self.name), 0
+
+    def success(self, obs: Any) -> bool:
+        self.max_stage = max(self.max_stage, self._contacts.stage(self.robot.data))
+        return self.max_stage == 4
+
+    def episode_info(self) -> dict[str, int]:
+        return {"max_stage": int(self.max_stage)}

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from protege.datasets.frames import ImageStorage
 from protege.datasets.replay_buffer import ReplayBuffer
 from protege.envs import make_env, make_expert
 from protege.errors import ProtegeError
@@ -48,19 +49,22 @@ def collect(
     seed: int = 0,
     only_success: bool = True,
     progress: bool = True,
+    image_storage: ImageStorage | None = None,
 ) -> ReplayBuffer:
     """Append expert episodes to the buffer at `out` until it holds `n_episodes`.
 
     Each episode is committed on its own, so an interrupted collection keeps what it finished and
-    a rerun continues from there (seeds continue where the last run stopped).
+    a rerun continues from there (seeds continue where the last run stopped). `image_storage`: how
+    camera frames are stored (default JPEG quality 95; a resumed buffer must use the same).
     """
     env = make_env(env_id, **env_kwargs)
     expert = make_expert(env_id, env, seed=seed)
     attrs: dict[str, Any] = {"provenance": {"source": "scripted expert", "env_id": env_id, "env_kwargs": env_kwargs}}
+    attrs.update(getattr(env.unwrapped, "buffer_attrs", {}))  # e.g. robomimic's env_args, as its datasets carry them
     tasks = list(getattr(env.unwrapped, "tasks", []))  # instruction strings of a language-conditioned env
     if tasks:
         attrs["tasks"] = tasks
-    buf = ReplayBuffer.open_or_create(str(out), fps=fps, attrs=attrs)
+    buf = ReplayBuffer.open_or_create(str(out), fps=fps, attrs=attrs, image_storage=image_storage)
     if tasks and list(buf.attrs.get("tasks", [])) != tasks:
         raise ProtegeError(f"{out}: holds instructions {buf.attrs.get('tasks')}, the env {env_id} has {tasks}; use another out=")
     state = dict(buf.attrs.get("collect", {}))

@@ -116,7 +116,7 @@ class FrankaEnv(gym.Env):
         self.render_mode, self.render_camera = render_mode, render_camera
         self.robot = MujocoRobot(realtime=False, control=control, cameras=tuple(self.cameras), image_size=image_size)
         self.robot.connect()
-        self.controller = Controller(self.robot.kinematics, make_action_space(action_space), SafetyLayer(self.robot.limits, self.dt))
+        self.controller = Controller(self.robot.kinematics, make_action_space(action_space, self.robot.features), SafetyLayer(self.robot.limits, self.dt))
         obs = self.robot.read()
         dim = len(policy_observation(obs, self.task.state_keys, [])["state"])
         spaces = {"state": gym.spaces.Box(-np.inf, np.inf, (dim,), np.float32)}

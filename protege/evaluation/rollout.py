@@ -11,7 +11,6 @@ predicted, batched over the envs whose executor asks for one.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from protege.errors import ConfigError
 from protege.policies.base import Policy
+from protege.policies.guidance import ChunkGuide
 from protege.runtime.chunking import make_executor
 
 
@@ -47,8 +47,16 @@ def evaluate(
     asynchronous: bool = False,
     progress: bool = True,
     temporal_ensemble: float | None | str = "policy",
+    chunk_join: str | None = None,
+    delay_steps: int = 0,
+    execute_steps: int | None = None,
 ) -> dict[str, Any]:
-    """`temporal_ensemble`: "policy" (the policy's own setting), None (chunk execution) or m."""
+    """`temporal_ensemble`: "policy" (the policy's own setting), None (chunk execution) or m.
+    `chunk_join`: switch | ensemble | rtc (default: from `temporal_ensemble`); `execute_steps`: request
+    the next chunk after this many steps of the current one. `delay_steps`: simulated inference delay:
+    a chunk requested at step s is predicted from the observation at s but executed from step s + d
+    (the env runs the current chunk meanwhile), as in the real-time runner; the summary reports the
+    action jerk (third difference) at chunk joins."""
     policy.eval()
     n_envs = max(1, min(n_envs, n_episodes))
     envs = make_vector_env(env_fn, n_envs, asynchronous)
@@ -59,7 +67,12 @@ def evaluate(
         raise
     if temporal_ensemble == "policy":
         temporal_ensemble = getattr(policy, "temporal_ensemble", None)
-    executors = [make_executor(temporal_ensemble) for _ in range(n_envs)]
+    if chunk_join == "rtc" and not getattr(policy, "supports_guide", False):
+        envs.close()
+        raise ConfigError(f"chunk_join=rtc needs a diffusion or flow policy (guided sampling); {type(policy).__name__} has none")
+    executors = [make_executor(temporal_ensemble, chunk_join, execute_steps) for _ in range(n_envs)]
+    joins = JoinStats(n_envs)
+    pending: list[tuple[int, int, np.ndarray] | None] = [None] * n_envs  # (arrival step, request step, chunk)
     device = policy.device
     To, obs_keys = policy.n_obs_steps, [k for k in policy.obs_keys]
     names = [k.removeprefix("obs/") for k in obs_keys]
@@ -81,15 +94,25 @@ def evaluate(
     if record:
         record = _grab_frame(envs, frames)
     while len(results) < n_episodes:
-        need = [i for i in range(n_envs) if executors[i].needs_chunk(int(length[i]))]
-        if need:
-            batch = {k: torch.from_numpy(history[k][need]).to(device) for k in obs_keys}
+        for i, p in enumerate(pending):  # chunks whose simulated delay has passed (or that the env waits for)
+            if p is not None and (p[0] <= length[i] or executors[i].needs_chunk(int(length[i]))):
+                executors[i].add(p[2], p[1])
+                pending[i] = None
+                joins.joined[i] = True
+        need = [i for i in range(n_envs) if pending[i] is None and executors[i].wants_chunk(int(length[i]) + delay_steps)]
+        for group, guide in _guide_groups(executors, need, length, delay_steps):
+            batch = {k: torch.from_numpy(history[k][group]).to(device) for k in obs_keys}
             t0 = time.perf_counter()
-            chunk = policy.predict_action(batch).float().cpu().numpy()
+            chunk = (policy.predict_action(batch) if guide is None else policy.predict_action(batch, guide=guide)).float().cpu().numpy()
             latencies.append(time.perf_counter() - t0)
-            for j, i in enumerate(need):
-                executors[i].add(chunk[j], int(length[i]))
+            for j, i in enumerate(group):
+                if delay_steps and not executors[i].needs_chunk(int(length[i])):
+                    pending[i] = (int(length[i]) + delay_steps, int(length[i]), chunk[j])
+                else:  # no action to run meanwhile (episode start): the env waits for this chunk
+                    executors[i].add(chunk[j], int(length[i]))
+                    joins.joined[i] = True
         action = np.stack([executors[i].action(int(length[i])) for i in range(n_envs)])
+        joins.record(action)
         obs, reward, terminated, truncated, info = envs.step(action)
         ret += reward
         length += 1
@@ -119,6 +142,8 @@ def evaluate(
             reset_seeds[i] = seed + int(episode_of[i])
             ret[i], length[i] = 0.0, 0
             executors[i].reset()
+            pending[i] = None
+            joins.reset(i)
         if len(results) >= n_episodes:
             break
         obs, _ = envs.reset(seed=reset_seeds, options={"reset_mask": done})
@@ -139,6 +164,9 @@ def evaluate(
         "wall_time_s": wall,
         "inference_ms_median": float(np.median(latencies) * 1e3) if latencies else None,
         "temporal_ensemble": temporal_ensemble,
+        "chunk_join": chunk_join or ("switch" if temporal_ensemble is None else "ensemble"),
+        "delay_steps": delay_steps,
+        **joins.summary(),
         "episodes": episodes,
     }
     for key in sorted(extra_keys):  # e.g. the point-mass 'route' -> counts per value
@@ -147,6 +175,54 @@ def evaluate(
     if video_path is not None and frames:
         summary["video"] = str(write_video(video_path, frames, fps=_render_fps(envs)))
     return summary
+
+
+class JoinStats:
+    """Action jerk |a_t − 3a_{t−1} + 3a_{t−2} − a_{t−3}| (L2 over the action) of the executed actions:
+    at chunk joins (the first step executed from a newly arrived chunk) and over all steps."""
+
+    def __init__(self, n_envs: int) -> None:
+        self.history: list[list[np.ndarray]] = [[] for _ in range(n_envs)]
+        self.joined = np.zeros(n_envs, bool)
+        self.at_joins: list[float] = []
+        self.all_steps: list[float] = []
+
+    def reset(self, i: int) -> None:
+        self.history[i], self.joined[i] = [], False
+
+    def record(self, actions: np.ndarray) -> None:
+        for i, a in enumerate(actions):
+            h = self.history[i] = [*self.history[i][-3:], np.asarray(a, np.float64)]
+            if len(h) == 4:
+                jerk = float(np.linalg.norm(h[3] - 3 * h[2] + 3 * h[1] - h[0]))
+                self.all_steps.append(jerk)
+                if self.joined[i]:
+                    self.at_joins.append(jerk)
+        self.joined[:] = False
+
+    def summary(self) -> dict[str, float | int | None]:
+        mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
+        return {"join_jerk_mean": mean(self.at_joins), "jerk_mean": mean(self.all_steps), "n_joins": len(self.at_joins)}
+
+
+def _guide_groups(executors: list[Any], need: list[int], length: np.ndarray, delay: int) -> list[tuple[list[int], Any]]:
+    """Envs that need a chunk, grouped so each group is one batched call: unguided ones together,
+    guided ones (real-time chunking) by guide shape, their targets stacked (B, n, A)."""
+    groups: dict[Any, tuple[list[int], list[Any]]] = {}
+    for i in need:
+        g = executors[i].guide(int(length[i]), delay)
+        key = None if g is None else (len(g.target), g.frozen)
+        groups.setdefault(key, ([], []))
+        groups[key][0].append(i)
+        groups[key][1].append(g)
+    out = []
+    for key, (idx, guides) in groups.items():
+        if key is None:
+            out.append((idx, None))
+        else:
+            g = guides[0]
+            out.append((idx, ChunkGuide(np.stack([x.target for x in guides]), g.weights, g.frozen, g.max_weight)))
+    return out
 
 
 def check_env_matches_policy(policy: Policy, space: gym.Space) -> None:
@@ -201,8 +277,3 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: int = 20) -> Pa
     return path
 
 
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)

@@ -10,17 +10,27 @@ physics to t at once; the gymnasium tasks and the runner's fast mode use that.
 Actuation: `position` uses the model's joint position servos (kp 870/120 with joint damping);
 `impedance` switches them off and applies joint-space PD torques `K (q_d - q) - D qdot` each physics
 step (gravity is compensated by the model, as on the real arm).
+
+Cameras (`cameras`: names of the scene's cameras, `front` / `wrist`, or a `cameras:` mapping as for
+any robot, see `cameras.py`): MuJoCo-rendered cameras. In real time each renders in its own thread
+from snapshots of the simulation (`snapshot`), which advance the physics to the wall clock first, as
+a real camera keeps capturing while the loop computes; in simulated time they render synchronously.
+A lock serialises physics, commands and snapshots between the loop and the camera threads.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from protege.errors import ConfigError
-from protege.hardware.base import JointCommand, Limits, MonotonicClock, Observation, RobotError
+from protege.hardware.cameras import CameraSet, close_renderer
+from protege.hardware.base import (Feature, JointCommand, Limits, MonotonicClock, Observation, RobotError,
+                                   single_arm_features)
 from protege.hardware.panda import ARM_JOINTS, FINGER_JOINTS, HOME_Q, EE_SITE, GRIPPER_MAX, PandaKinematics, load_model
 
 IMPEDANCE_K = np.array([600.0, 600.0, 600.0, 600.0, 250.0, 150.0, 50.0])
@@ -48,18 +58,30 @@ class MujocoRobot:
         name: str = "mujoco",
         realtime: bool = True,
         control: str = "position",
-        cameras: tuple[str, ...] | list[str] = (),
-        image_size: int = 96,
+        cameras: tuple[str, ...] | list[str] | Mapping[str, Any] = (),
+        image_size: int | tuple[int, int] | list[int] = 96,
         timestep: float = 0.002,
         limits: dict[str, Any] | None = None,
+        render_max_faces: int | None = 1000,
     ) -> None:
+        """`render_max_faces`: cameras render a copy of the scene whose visual meshes are decimated to
+        that many triangles each (physics and `render()` keep the shipped meshes); None: the originals."""
         if control not in ("position", "impedance"):
             raise ConfigError(f"mujoco robot: control must be 'position' or 'impedance', got {control!r}")
         self.name, self.realtime, self.control = name, realtime, control
-        self.cameras, self.image_size, self.timestep = tuple(cameras), int(image_size), float(timestep)
-        self.model = load_model(self.cameras, self.image_size, self.timestep)
+        self.image_size, self.timestep = _hw(image_size), float(timestep)
+        specs = _camera_specs(cameras, self.image_size)
+        self.camera_set = CameraSet(specs)
+        scene_cams = tuple(sorted({c.get("camera") or n for n, c in specs.items() if c.get("backend") == "mujoco"}))
+        self.cameras = tuple(specs)
+        # the offscreen buffer must hold the largest rendered image (and the env's render())
+        offscreen = max([max(self.image_size)] + [max(int(c.get("height", 0)), int(c.get("width", 0))) for c in specs.values()])
+        self.model = load_model(scene_cams, offscreen, self.timestep)
+        self.render_model = load_model(scene_cams, offscreen, self.timestep, render_max_faces) if render_max_faces else self.model
         self.kinematics = PandaKinematics(load_model())  # its own model copy: IK never touches the sim state
         self.limits = Limits.panda(self.kinematics.lower, self.kinematics.upper, **(limits or {}))
+        self.features = single_arm_features(7, cartesian=True, extra={"cube_pos": Feature((3,), "m (simulator only)"),
+                                                                       "goal_pos": Feature((3,), "m (simulator only)")})
         self.clock: Any = MonotonicClock() if realtime else SimClock(self)
         self.data: Any = None
         self._renderer: Any = None
@@ -76,14 +98,18 @@ class MujocoRobot:
             m.actuator_biasprm[:7, :3] = 0.0
         self.stopped = False
         self.n_physics_steps = 0
+        self._lock = threading.RLock()  # physics, commands and camera snapshots (camera threads)
 
     # -------------------------------------------------------------------------------- protocol
     def connect(self) -> None:
         import mujoco
 
+        self.camera_set.stop()  # a reconnect restarts the cameras on the new simulation
         self.data = mujoco.MjData(self.model)
         self.reset_scene(HOME_Q)
         self.stopped = False
+        self.camera_set.attach(self.clock.now, self)
+        self.camera_set.start()
 
     def reset_scene(self, q: np.ndarray = HOME_Q, cube_pos: np.ndarray | None = None,
                     goal_pos: np.ndarray | None = None, gripper: float = GRIPPER_MAX) -> None:
@@ -91,6 +117,13 @@ class MujocoRobot:
         import mujoco
 
         d = self._require()
+        with self._lock:
+            self._reset_scene(d, q, cube_pos, goal_pos, gripper)
+
+    def _reset_scene(self, d: Any, q: np.ndarray, cube_pos: np.ndarray | None, goal_pos: np.ndarray | None,
+                     gripper: float) -> None:
+        import mujoco
+
         mujoco.mj_resetData(self.model, d)
         d.qpos[self.qadr] = q
         d.qpos[self.finger_qadr] = gripper / 2
@@ -99,7 +132,7 @@ class MujocoRobot:
             d.qpos[self.cube_qadr + 3 : self.cube_qadr + 7] = [1, 0, 0, 0]
         if goal_pos is not None:
             d.mocap_pos[self.goal_mocap] = goal_pos
-        self._cmd = JointCommand(q=np.asarray(q, float).copy(), gripper=gripper)
+        self._cmd = JointCommand(q=np.asarray(q, float).copy(), gripper=np.array([gripper], float))
         self._apply(self._cmd)
         mujoco.mj_forward(self.model, d)
         self.t0 = time.monotonic()
@@ -110,15 +143,20 @@ class MujocoRobot:
         return self.n_physics_steps * self.timestep
 
     def read(self) -> Observation:
-        d = self._require()
-        if self.realtime:
-            self.advance_to(time.monotonic() - self.t0)
-        quat = np.empty(4)
         import mujoco
 
-        mujoco.mju_mat2Quat(quat, d.site_xmat[self.site])
-        images = {c: self.render(c) for c in self.cameras}
-        cube = d.qpos[self.cube_qadr : self.cube_qadr + 3].copy()
+        d = self._require()
+        with self._lock:
+            if self.realtime:
+                self.advance_to(time.monotonic() - self.t0)
+            quat = np.empty(4)
+            mujoco.mju_mat2Quat(quat, d.site_xmat[self.site])
+            cube = d.qpos[self.cube_qadr : self.cube_qadr + 3].copy()
+            obs = self._observation(d, quat, cube)
+        obs.images, obs.image_t = self.camera_set.read()  # outside the lock: a synchronous camera renders here
+        return obs
+
+    def _observation(self, d: Any, quat: np.ndarray, cube: np.ndarray) -> Observation:
         return Observation(
             t=self.sim_time,
             joint_pos=d.qpos[self.qadr].copy(),
@@ -126,28 +164,32 @@ class MujocoRobot:
             ee_pos=d.site_xpos[self.site].copy(),
             ee_quat=quat,
             gripper=np.array([d.qpos[self.finger_qadr].sum()]),
-            images=images,
             extra={"cube_pos": cube, "goal_pos": d.mocap_pos[self.goal_mocap].copy()},
+            features=self.features,
         )
 
     def command(self, cmd: JointCommand) -> None:
         self._require()
         if self.stopped:
             raise RobotError(f"{self.name}: command after stop(); reconnect first")
-        self._cmd = JointCommand(q=np.asarray(cmd.q, float).copy(), gripper=float(cmd.gripper))
-        self._apply(self._cmd)
+        with self._lock:
+            self._cmd = JointCommand(q=np.asarray(cmd.q, float).copy(), gripper=np.asarray(cmd.gripper, float).reshape(1).copy())
+            self._apply(self._cmd)
 
     def stop(self) -> None:
         """Hold the current measured position and refuse further commands until `connect()`."""
         if self.data is None:
             return
-        self._cmd = JointCommand(q=self.data.qpos[self.qadr].copy(), gripper=float(self.data.qpos[self.finger_qadr].sum()))
-        self._apply(self._cmd)
+        with self._lock:
+            self._cmd = JointCommand(q=self.data.qpos[self.qadr].copy(), gripper=np.array([self.data.qpos[self.finger_qadr].sum()]))
+            self._apply(self._cmd)
         self.stopped = True
+        self.camera_set.stop()  # the run is over; connect() starts them again
 
     def close(self) -> None:
+        self.camera_set.stop()
         if self._renderer is not None:
-            self._renderer.close()
+            close_renderer(self._renderer)
             self._renderer = None
 
     # ------------------------------------------------------------------------------- simulation
@@ -164,11 +206,24 @@ class MujocoRobot:
             mujoco.mj_step(self.model, d)
         self.n_physics_steps += max(0, n)
 
+    def snapshot(self, data: Any) -> float:
+        """Copy the simulation's poses (advanced to the wall clock in real time) into `data`, a camera
+        thread's own MjData; returns the snapshot's time on `clock`."""
+        with self._lock:
+            d = self._require()
+            if self.realtime and not self.stopped:
+                self.advance_to(time.monotonic() - self.t0)
+            data.qpos[:] = d.qpos
+            data.mocap_pos[:] = d.mocap_pos
+            data.mocap_quat[:] = d.mocap_quat
+            return self.clock.now()
+
     def render(self, camera: str) -> np.ndarray:
+        """One frame of a scene camera at `image_size`, on the calling thread (the env's render())."""
         import mujoco
 
         if self._renderer is None:
-            self._renderer = mujoco.Renderer(self.model, self.image_size, self.image_size)
+            self._renderer = mujoco.Renderer(self.model, *self.image_size)
             for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION, mujoco.mjtRndFlag.mjRND_SKYBOX):
                 self._renderer.scene.flags[flag] = 0
         self._renderer.update_scene(self.data, camera=camera)
@@ -176,9 +231,30 @@ class MujocoRobot:
 
     def _apply(self, cmd: JointCommand) -> None:
         self.data.ctrl[:7] = cmd.q
-        self.data.ctrl[7:9] = cmd.gripper / 2
+        self.data.ctrl[7:9] = cmd.gripper[0] / 2
 
     def _require(self) -> Any:
         if self.data is None:
             raise RobotError(f"{self.name}: not connected (call connect() first)")
         return self.data
+
+
+def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An image size: one int (square) or (height, width)."""
+    if isinstance(size, int):
+        return size, size
+    if len(size) != 2:
+        raise ConfigError(f"mujoco robot: image_size must be an int or [height, width], got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _camera_specs(cameras: tuple[str, ...] | list[str] | Mapping[str, Any], size: tuple[int, int]) -> dict[str, dict]:
+    """Scene camera names -> MuJoCo-rendered cameras at `size`; a mapping is used as given (any backend)."""
+    if isinstance(cameras, Mapping):
+        specs = {n: dict(c) for n, c in cameras.items()}
+        for c in specs.values():
+            if c.get("backend") == "mujoco":
+                c.setdefault("height", size[0])
+                c.setdefault("width", size[1])
+        return specs
+    return {n: {"backend": "mujoco", "height": size[0], "width": size[1]} for n in cameras}

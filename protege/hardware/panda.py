@@ -23,10 +23,39 @@ import numpy as np
 from protege.errors import ConfigError
 
 N_JOINTS = 7
-# Panda joint limits and maxima (Franka's "Robot and interface specifications"); the Kitchen MJCF
-# offsets joint 6 by a body rotation, so its range there is the model's, read at load time.
-VEL_LIMITS = np.array([2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61])
-ACC_LIMITS = np.array([15.0, 7.5, 10.0, 12.5, 15.0, 20.0, 20.0])
+# Official joint limits, in Franka's joint convention. Sources: Franka's FCI documentation, "Robot and
+# interface specifications" (frankaemika.github.io/docs/control_parameters.html: "Limits for Panda",
+# "Limits for Franka Research 3"), and the constants libfranka enforces in include/franka/rate_limiting.h
+# (kMaxJointJerk / kMaxJointAcceleration / kMaxJointVelocity up to libfranka 0.9 for Panda; from 0.10 on,
+# FR3's values plus computeUpper/LowerLimitsJointVelocity, the position-dependent FR3 velocity bounds).
+# FR3 allows less acceleration (10 rad/s^2 on every joint) and jerk (5000 rad/s^3) than Panda: a table
+# copied from Panda lets joints 6-7 accelerate at 20 rad/s^2, twice what FR3 accepts.
+FRANKA_SPECS: dict[str, dict[str, np.ndarray]] = {
+    "panda": {
+        "lower": np.array([-2.8973, -1.7628, -2.8973, -3.0718, -2.8973, -0.0175, -2.8973]),
+        "upper": np.array([2.8973, 1.7628, 2.8973, -0.0698, 2.8973, 3.7525, 2.8973]),
+        "velocity": np.array([2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61]),
+        "acceleration": np.array([15.0, 7.5, 10.0, 12.5, 15.0, 20.0, 20.0]),
+        "jerk": np.array([7500.0, 3750.0, 5000.0, 6250.0, 7500.0, 10000.0, 10000.0]),
+    },
+    "fr3": {
+        "lower": np.array([-2.7437, -1.7837, -2.9007, -3.0421, -2.8065, 0.5445, -3.0159]),
+        "upper": np.array([2.7437, 1.7837, 2.9007, -0.1518, 2.8065, 4.5169, 3.0159]),
+        "velocity": np.array([2.62, 2.62, 2.62, 2.62, 5.26, 4.18, 5.26]),
+        "acceleration": np.full(7, 10.0),
+        "jerk": np.full(7, 5000.0),
+        # FR3's velocity bound shrinks near the position limits (libfranka computeUpperLimitsJointVelocity):
+        # v_max(q) = min(velocity, max(0, -offset + sqrt(gain * (upper_v - q)))), mirrored for v_min(q)
+        "v_gain": np.array([12.0, 5.17, 7.0, 8.0, 34.0, 11.0, 34.0]),
+        "v_offset": np.array([0.30, 0.20, 0.20, 0.30, 0.35, 0.35, 0.35]),
+        "upper_v": np.array([2.7501, 1.7918, 2.9065, -0.1458, 2.8101, 4.5205, 3.0196]),
+        "lower_v": np.array([-2.7501, -1.7918, -2.9065, -3.0481, -2.8101, 0.54092, -3.0196]),
+    },
+}
+# the MuJoCo Panda's servos and the safety layer's defaults: Panda's maxima. The Kitchen MJCF offsets
+# joint 6 by a body rotation, so its range there is the model's, read at load time.
+VEL_LIMITS = FRANKA_SPECS["panda"]["velocity"]
+ACC_LIMITS = FRANKA_SPECS["panda"]["acceleration"]
 GRIPPER_MAX = 0.08  # fully open width (two fingers x 0.04 m)
 TABLE_HEIGHT = 0.0  # the table top is the world z = 0 plane (the robot base sits on it)
 
@@ -94,17 +123,29 @@ def scene_xml(cameras: tuple[str, ...] = (), image_size: int = 96, timestep: flo
 
 
 @lru_cache(maxsize=8)
-def _compiled(cameras: tuple[str, ...], image_size: int, timestep: float) -> object:
+def _compiled(cameras: tuple[str, ...], image_size: int, timestep: float, max_faces: int | None) -> object:
     import mujoco
 
-    return mujoco.MjModel.from_xml_string(scene_xml(cameras, image_size, timestep))
+    xml = scene_xml(cameras, image_size, timestep)
+    if not max_faces:
+        return mujoco.MjModel.from_xml_string(xml)
+    from protege.hardware.meshes import decimated_stl
+
+    # visual meshes decimated (they are in metres: merge on a 1 mm grid), collision meshes as shipped
+    d = _assets_dir() / "meshes"
+    assets = {f"visual/{f.name}": decimated_stl(f, max_faces, 1e-3) for f in (d / "visual").glob("*.stl")}
+    xml = xml.replace(f'meshdir="{d}"', 'meshdir="."').replace('file="collision/', f'file="{d}/collision/')
+    return mujoco.MjModel.from_xml_string(xml, assets)
 
 
-def load_model(cameras: tuple[str, ...] = (), image_size: int = 96, timestep: float = 0.002):  # -> mujoco.MjModel
-    """A fresh copy of the compiled scene (compiling the meshes once per process)."""
+def load_model(cameras: tuple[str, ...] = (), image_size: int = 96, timestep: float = 0.002,
+               max_faces: int | None = None):  # -> mujoco.MjModel
+    """A fresh copy of the compiled scene (compiling the meshes once per process). `max_faces`: a copy
+    for rendering, its visual meshes decimated to that many triangles each (~15x faster frames with
+    OSMesa at ~100 px for 1000 faces: 134k triangles -> 10k; mean pixel difference < 1/255)."""
     import copy
 
-    return copy.deepcopy(_compiled(tuple(cameras), int(image_size), float(timestep)))
+    return copy.deepcopy(_compiled(tuple(cameras), int(image_size), float(timestep), max_faces))
 
 
 # home posture: gripper pointing straight down at (0.45, 0, 0.3) m (solved once with `ik` below)

@@ -6,6 +6,7 @@ A policy is an `nn.Module` that owns its `Normalizer`, so a checkpoint is self-c
   step, given raw observations `{key: (B, n_obs_steps, ...)}`;
 - `reset()` clears any per-episode state;
 - `on_train_step()` runs after every optimizer step (e.g. ACT-JEPA's EMA target encoder);
+- `accelerate(cache_dir, runtime)` compiles inference with an exported runtime (Diffusion Policy's DDIM loop);
 - `horizon_obs_keys`: observation keys the sampler gathers over the whole `horizon` instead of the
   first `n_obs_steps` steps, for policies that learn from future observations (ACT-JEPA).
 
@@ -22,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from protege import CONFIG_DIR  # noqa: F401 - re-exported: callers import it from here
 from protege.datasets.normalizer import Normalizer
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # shape_meta: {key: {"shape": [...], "kind": "state"|"action"|"image"|...}}, from the replay buffer;
 # a "language" key (`task`, int indices) also carries "tasks": the instruction strings of attrs["tasks"].
@@ -46,6 +47,8 @@ class Policy(nn.Module):
     """Base class: window sizes, normalizer and helpers shared by every policy."""
 
     horizon_obs_keys: tuple[str, ...] = ()
+    # True when predict_action(obs, guide=ChunkGuide) samples with real-time-chunking guidance (policies/guidance.py)
+    supports_guide: bool = False
 
     def __init__(
         self,
@@ -98,6 +101,11 @@ class Policy(nn.Module):
 
     def on_train_step(self) -> None:
         """Called by the trainer after each optimizer step (nothing by default)."""
+
+    def accelerate(self, cache_dir: str | Path, runtime: str = "auto") -> str:
+        """Compile the inference path with an inference runtime (`policies/export.py`), caching the
+        artefact in `cache_dir`; returns the runtime in use. Nothing to compile by default."""
+        return "eager"
 
     def optim_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; override for per-module learning rates (e.g. ACT's backbone)."""
@@ -152,6 +160,28 @@ class Policy(nn.Module):
         start = self.n_obs_steps - 1
         return actions[:, start : start + self.n_action_steps]
 
+    def guide_tensors(self, guide: Any, batch: int, length: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A `ChunkGuide` in the sampler's space: normalised targets y (B, length, A) and weights
+        w (1, length, 1) over the sampled sequence, whose position `offset` is the chunk's first action."""
+        target = torch.as_tensor(guide.target, dtype=torch.float32, device=self.device)
+        target = target.expand(batch, *target.shape) if target.ndim == 2 else target
+        n = max(0, min(target.shape[1], length - offset))
+        y = torch.zeros(batch, length, self.action_dim, device=self.device)
+        w = torch.zeros(1, length, 1, device=self.device)
+        y[:, offset : offset + n] = self.normalizer.normalize(self.action_key, target[:, :n])
+        w[0, offset : offset + n, 0] = torch.as_tensor(guide.weights, dtype=torch.float32, device=self.device)[:n]
+        return y, w
+
+    def keep_frozen(self, actions: torch.Tensor, guide: Any) -> torch.Tensor:
+        """The chunk with the guide's frozen actions copied in exactly: the robot executes those
+        (they come from the previous chunk) whatever the sampler made of them."""
+        target = torch.as_tensor(guide.target, dtype=actions.dtype, device=actions.device)
+        target = target.expand(actions.shape[0], *target.shape) if target.ndim == 2 else target
+        f = min(guide.frozen, actions.shape[1], target.shape[1])
+        out = actions.clone()
+        out[:, :f] = target[:, :f]
+        return out
+
 
 def build_policy(policy_cfg: Any, shape_meta: ShapeMeta) -> Policy:
     """Instantiate a policy from its config group entry (`_target_` + kwargs; `name` is a label)."""
@@ -170,3 +200,28 @@ def build_policy(policy_cfg: Any, shape_meta: ShapeMeta) -> Policy:
     if not isinstance(policy, Policy):
         raise TypeError(f"{cfg.get('_target_')} built a {type(policy).__name__}, expected a protege Policy")
     return policy
+
+
+def load_policy(ckpt_dir: str | Path, cfg: Any = None, device: str | torch.device = "cpu", runtime: str = "eager") -> Policy:
+    """Rebuild the policy a checkpoint was trained as (its saved config, or `cfg`) and load its weights
+    and normalizer strictly; in eval mode on `device`. `runtime` (auto|onnx|aoti|eager): compile its
+    inference (`Policy.accelerate`), the artefact cached in `<ckpt_dir>/export/`.
+
+    A policy built on a pretrained encoder (`obs_encoder.checkpoint`) is built from this checkpoint's
+    own encoder instead: the weights come from here anyway, and the pretraining run may be gone."""
+    from omegaconf import OmegaConf
+
+    from protege.fileio import load_config, read_weights, resolve_checkpoint
+
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    cfg = load_config(ckpt_dir) if cfg is None else cfg
+    policy_cfg = cfg.policy
+    encoder = policy_cfg.get("obs_encoder")
+    if encoder is not None and encoder.get("checkpoint"):
+        policy_cfg = OmegaConf.merge(policy_cfg, {"obs_encoder": {"checkpoint": str(ckpt_dir)}})
+    policy = build_policy(policy_cfg, OmegaConf.to_container(cfg.shape_meta))
+    policy.load_state_dict(read_weights(ckpt_dir), strict=True)
+    policy = policy.to(device).eval()
+    policy.accelerate(ckpt_dir / "export", runtime)
+    return policy
+

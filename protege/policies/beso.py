@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
 from protege.policies.base import Policy, ShapeMeta
+from protege.policies.guidance import ChunkGuide, guided_denoised
 from protege.policies.nets.unet1d import ConditionalUnet1D
 
 SAMPLERS = {"euler": EDMEulerScheduler, "dpmsolver++": EDMDPMSolverMultistepScheduler}
@@ -62,17 +63,29 @@ def edm_coefficients(sched: EDMEulerScheduler | EDMDPMSolverMultistepScheduler, 
 
 
 def edm_sample(model_fn: Callable[[torch.Tensor, int], torch.Tensor], noise: torch.Tensor,
-               sched: EDMEulerScheduler | EDMDPMSolverMultistepScheduler) -> torch.Tensor:
+               sched: EDMEulerScheduler | EDMDPMSolverMultistepScheduler,
+               inpaint: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """Deterministic ODE sampling: x_0 = σ_0·noise, then per step k: F = model_fn(c_in·x, k) and the
     scheduler's solver step. Schedulers are stateful (step index, multistep history): pass one
-    freshly set up with `set_timesteps`, as `BESOPolicy.make_scheduler` returns."""
+    freshly set up with `set_timesteps`, as `BESOPolicy.make_scheduler` returns. `inpaint` (targets
+    y, weights w, β): real-time chunking's guidance on the denoised estimate (`guidance.guided_denoised`)."""
     x = noise * sched.sigmas[0].to(noise)
     for k, t in enumerate(sched.timesteps):
-        x = sched.step(model_fn(sched.scale_model_input(x, t), k), t, x).prev_sample
+        if inpaint is None:
+            out = model_fn(sched.scale_model_input(x, t), k)
+        else:
+            sigma = sched.sigmas[k].to(x)
+            c = edm_coefficients(sched, sigma)
+            denoised = guided_denoised(lambda xg: c["c_skip"] * xg + c["c_out"] * model_fn(c["c_in"] * xg, k), x,
+                                       float(sigma), *inpaint)
+            out = (denoised - c["c_skip"] * x) / c["c_out"]  # the network output the solver step expects
+        x = sched.step(out, t, x).prev_sample
     return x
 
 
 class BESOPolicy(Policy):
+    supports_guide = True
+
     def __init__(
         self,
         shape_meta: ShapeMeta,
@@ -160,8 +173,10 @@ class BESOPolicy(Policy):
         return {"loss": F.mse_loss(pred, target)}
 
     @torch.no_grad()
-    def sample(self, obs: Mapping[str, torch.Tensor], num_steps: int | None = None, sampler: str | None = None) -> torch.Tensor:
-        """Normalised action windows (B, horizon, A) by deterministic few-step ODE sampling."""
+    def sample(self, obs: Mapping[str, torch.Tensor], num_steps: int | None = None, sampler: str | None = None,
+               guide: ChunkGuide | None = None) -> torch.Tensor:
+        """Normalised action windows (B, horizon, A) by deterministic few-step ODE sampling; `guide`:
+        real-time chunking (`policies/guidance.py`)."""
         sched = self.make_scheduler(num_steps or self.num_inference_steps, sampler)
         cond = self._cond(obs)
         B = cond.shape[0]
@@ -178,8 +193,10 @@ class BESOPolicy(Policy):
             return out_u + self.guidance_scale * (out_c - out_u)
 
         noise = torch.randn(B, self.horizon, self.action_dim, device=cond.device, dtype=cond.dtype)
-        return edm_sample(model_fn, noise, sched)
+        inpaint = None if guide is None else (*self.guide_tensors(guide, B, self.horizon, self.n_obs_steps - 1), guide.max_weight)
+        return edm_sample(model_fn, noise, sched, inpaint)
 
     @torch.no_grad()
-    def predict_action(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.action_slice(self.normalizer.unnormalize(self.action_key, self.sample(obs)))
+    def predict_action(self, obs: Mapping[str, torch.Tensor], guide: ChunkGuide | None = None) -> torch.Tensor:
+        actions = self.action_slice(self.normalizer.unnormalize(self.action_key, self.sample(obs, guide=guide)))
+        return actions if guide is None else self.keep_frozen(actions, guide)

@@ -11,21 +11,28 @@ mode of multimodal demonstrations.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from protege.policies.base import Policy, ShapeMeta
+from protege.policies.export import ExportedFunction, export_function
+from protege.policies.guidance import ChunkGuide, guided_eps, guided_step
 from protege.policies.nets.unet1d import ConditionalUnet1D
 from protege.policies.nets.vision import CameraEncoders
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+log = logging.getLogger("protege.policies")
 
 
 class DiffusionPolicy(Policy):
+    supports_guide = True
     def __init__(
         self,
         shape_meta: ShapeMeta,
@@ -62,6 +69,7 @@ class DiffusionPolicy(Policy):
         self.noise_scheduler = DDPMScheduler(**sched_kwargs)
         self.inference_scheduler = SCHEDULERS[inference_scheduler](**sched_kwargs)
         self.num_inference_steps = num_inference_steps
+        self._exported: tuple[list[int], ExportedFunction] | None = None  # (timesteps, artefact), see accelerate()
 
     @property
     def cond_dim_per_step(self) -> int:
@@ -87,13 +95,70 @@ class DiffusionPolicy(Policy):
         return {"loss": F.mse_loss(pred, target)}
 
     @torch.no_grad()
-    def predict_action(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def predict_action(self, obs: Mapping[str, torch.Tensor], guide: ChunkGuide | None = None) -> torch.Tensor:
+        """`guide`: real-time chunking (`policies/guidance.py`): sample the chunk inpainting the
+        previous chunk's remaining actions (guided DDIM, eager PyTorch)."""
         cond = self.condition(obs)
         B = cond.shape[0]
-        x = torch.randn(B, self.horizon, self.action_dim, device=cond.device, dtype=cond.dtype)
+        noise = torch.randn(B, self.horizon, self.action_dim, device=cond.device, dtype=cond.dtype)
+        inpaint = None if guide is None else (*self.guide_tensors(guide, B, self.horizon, self.n_obs_steps - 1), guide.max_weight)
+        x = self.denoise(noise, cond, inpaint=inpaint)
+        actions = self.action_slice(self.normalizer.unnormalize(self.action_key, x))
+        return actions if guide is None else self.keep_frozen(actions, guide)
+
+    def denoise(self, x: torch.Tensor, cond: torch.Tensor, timesteps: Sequence[int] | None = None,
+                inpaint: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+        """The sampling loop: Gaussian noise (B, T, A) + condition (B, G) -> normalised actions (B, T, A).
+
+        `timesteps` (default: the inference scheduler's) are Python ints, so the scheduler's branches
+        on them are fixed when the loop is traced for export (`policies/export.py`). `inpaint`
+        (targets y, weights w, β) guides every step toward y (`guidance.guided_eps`)."""
         sched = self.inference_scheduler
-        sched.set_timesteps(self.num_inference_steps, device=cond.device)
-        films = self.unet.films_per_step(sched.timesteps, cond)  # conditioning of all steps in one pass
-        for k, t in enumerate(sched.timesteps):
-            x = sched.step(self.unet(x, t, cond, films=films[k]), t, x).prev_sample
-        return self.action_slice(self.normalizer.unnormalize(self.action_key, x))
+        if timesteps is None:
+            timesteps = self.inference_timesteps()
+            if inpaint is None and self._exported is not None and self._exported[0] == timesteps and x.device.type == "cpu":
+                return self._exported[1](x, cond).to(x.dtype)
+        films = self.unet.films_per_step(torch.tensor(timesteps, device=cond.device), cond)  # all steps in one pass
+        for k, t in enumerate(timesteps):
+            net = lambda xk, k=k: self.unet(xk, None, cond, films=films[k])  # noqa: E731
+            if inpaint is None:
+                x = sched.step(net(x), t, x).prev_sample
+            else:
+                x = guided_step(sched, guided_eps(net, x, float(sched.alphas_cumprod[t]), *inpaint), t, x)
+        return x
+
+    def accelerate(self, cache_dir: str | Path, runtime: str = "auto") -> str:
+        """Run `denoise` through an exported artefact (`policies/export.py`) cached in `cache_dir`.
+        DDIM only: DDPM draws fresh noise inside every step, which an exported graph would freeze.
+        Returns the runtime in use."""
+        self._exported = None
+        name = f"diffusion-{type(self.inference_scheduler).__name__}-{self.num_inference_steps}"
+        if runtime == "eager":
+            return "eager"
+        if not isinstance(self.inference_scheduler, DDIMScheduler) or self.device.type != "cpu":
+            log.info("%s on %s: no export (DDIM on CPU only); running eager PyTorch", name, self.device)
+            return "eager"
+        timesteps = self.inference_timesteps()
+        example = (torch.randn(2, self.horizon, self.action_dim), torch.randn(2, self.cond_dim_per_step * self.n_obs_steps))
+        settings = {"scheduler": dict(self.inference_scheduler.config), "timesteps": timesteps,
+                    "shapes": [list(e.shape[1:]) for e in example]}
+        fn = export_function(_Denoiser(self, timesteps), example, ["noise", "cond"], cache_dir, name, runtime, settings)
+        if fn is None:
+            return "eager"
+        self._exported = (timesteps, fn)
+        return fn.runtime
+
+    def inference_timesteps(self) -> list[int]:
+        self.inference_scheduler.set_timesteps(self.num_inference_steps)
+        return [int(t) for t in self.inference_scheduler.timesteps]
+
+
+class _Denoiser(nn.Module):
+    """`DiffusionPolicy.denoise` with its timesteps fixed: the module `accelerate` exports."""
+
+    def __init__(self, policy: DiffusionPolicy, timesteps: list[int]) -> None:
+        super().__init__()
+        self.policy, self.timesteps = policy, timesteps
+
+    def forward(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.policy.denoise(noise, cond, self.timesteps)

@@ -24,16 +24,24 @@ Heads (`head=`):
 Fine-tuning: LoRA (peft) on the backbone's linear layers (`lora_rank`, `lora_alpha`,
 `lora_target_modules`; `lora_rank=0` = full fine-tuning), the vision tower optionally frozen
 entirely (`freeze_vision`), gradient checkpointing (`gradient_checkpointing=auto`: on with CUDA);
-bf16 autocast comes from the trainer (`train.amp`). Actions use quantile (1st-99th percentile)
+bf16/fp16 autocast comes from the trainer (`train.amp`). The L1 head leaves padded chunk steps
+(`action_is_pad`: past an episode's end) out of its loss. Actions use quantile (1st-99th percentile)
 normalisation by default, as OpenVLA.
 
 Language: the batch carries `task` (int index into the training buffer's `attrs["tasks"]`, saved
 in the checkpoint's shape_meta); at run time `obs["instruction"]` (a list of B strings) may give
 free text instead.
 
+Precision (`dtype`): the frozen backbone is loaded in `float32`, `bfloat16` (half the memory; the GPU
+setting) or `float16` (with `train.amp=fp16`, whose gradient scaler needs float32 trainable weights);
+LoRA adapters and heads always train in float32. Full fine-tuning (`lora_rank=0`) needs `float32`.
+
 Checkpoints: the policy's state_dict leaves out the frozen backbone weights (they are re-read from
 `pretrained`, which the checkpoint's config records), so a checkpoint holds adapters + heads +
-normaliser: small, but it needs the backbone folder to load.
+normaliser + `backbone_fingerprint` (`backbone_fingerprint()`: the backbone folder's identity); it
+needs the backbone folder to load, and refuses a folder with other weights. The trainer's EMA covers
+the trainable parameters only and is swapped into the live policy for saving and evaluation, so the
+frozen backbone is never copied.
 """
 
 from __future__ import annotations
@@ -48,8 +56,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from protege.errors import ConfigError, DataError
+from protege.policies.act import masked_l1
 from protege.policies.base import Policy, ShapeMeta
 from protege.policies.bc import mlp
+from protege.policies.guidance import ChunkGuide, guided_eps, guided_step, guided_velocity
 from protege.policies.nets.unet1d import SinusoidalPosEmb
 
 HEADS = ("l1", "flow", "diffusion")
@@ -58,8 +68,36 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def load_backbone(pretrained: str | Path) -> tuple[nn.Module, Any, Any]:
-    """(full VLM, processor, config) from a local folder; a ConfigError says what the folder lacks."""
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def backbone_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"policy.dtype={name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def backbone_fingerprint(pretrained: str | Path) -> torch.Tensor:
+    """sha256 (32 uint8) of the folder's config.json and, per weight file, its size and 16 evenly spaced
+    64 KiB blocks: a cheap identity (reading a multi-GB file whole at every load would take seconds)
+    that tells apart two checkpoints of the same architecture, e.g. a base model and its fine-tune."""
+    import hashlib
+
+    path = Path(pretrained).expanduser()
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(p for p in path.iterdir() if p.name.endswith((".safetensors", ".bin"))):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for i in range(16):
+                fh.seek(max(0, (size - 65536) * i // 15))
+                h.update(fh.read(65536))
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).clone()
+
+
+def load_backbone(pretrained: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, Any]:
+    """(full VLM in `dtype`, processor, config) from a local folder; a ConfigError says what the folder lacks."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     path = Path(pretrained).expanduser()
@@ -87,7 +125,7 @@ def load_backbone(pretrained: str | Path) -> tuple[nn.Module, Any, Any]:
         raise ConfigError(f"{where}: expected a multimodal processor (image processor + tokenizer), "
                           f"AutoProcessor built a {type(processor).__name__}")
     try:
-        vlm = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        vlm = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{where}: the model does not load as a vision-language model: {e}") from e
     return vlm, processor, config
@@ -119,6 +157,15 @@ class FlowExpert(nn.Module):
 def _drop_frozen(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     for k in module._external_keys:
         state_dict.pop(prefix + k, None)
+
+
+def _check_backbone(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Refuse weights trained on another backbone than the one `pretrained` holds now."""
+    saved, here = state_dict.get(prefix + "backbone_fingerprint"), module.backbone_fingerprint
+    if saved is not None and not torch.equal(saved.cpu(), here.cpu()):
+        raise ConfigError(f"policy.pretrained={module.pretrained}: these backbone weights are not the ones the "
+                          f"checkpoint was trained on (fingerprint {bytes(saved.tolist()).hex()[:12]}, the folder "
+                          f"has {bytes(here.tolist()).hex()[:12]}); point policy.pretrained at the original backbone folder")
 
 
 def _allow_frozen_missing(module: nn.Module, incompatible: Any) -> None:
@@ -186,10 +233,16 @@ class VLAPolicy(Policy):
         diffusion_down_dims: Sequence[int] = (64, 128),
         num_train_timesteps: int = 100,
         normalization: Mapping[str, str] | None = None,
+        dtype: str = "float32",
     ) -> None:
         super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, {"action": "quantile", **(normalization or {})})
         if head not in HEADS:
             raise ConfigError(f"policy.head={head!r}: expected one of {HEADS}")
+        self.dtype = backbone_dtype(dtype)
+        if self.dtype != torch.float32 and lora_rank <= 0:
+            raise ConfigError(f"policy.dtype={dtype}: only the frozen backbone is stored in half precision; full "
+                              "fine-tuning (lora_rank=0) trains the backbone itself and needs float32 weights "
+                              "(use policy.dtype=float32 with train.amp=bf16)")
         self.head_type, self.pretrained, self.num_inference_steps = head, str(pretrained), num_inference_steps
         kinds = {k: self.shape_meta[k]["kind"] for k in self.obs_keys}
         self.state_keys = [k for k, v in kinds.items() if v == "state"]
@@ -204,7 +257,7 @@ class VLAPolicy(Policy):
             raise ConfigError(f"policy vla: the buffer's {self.language_key!r} key names no instructions "
                               "(expected attrs['tasks']: a list of strings)")
 
-        vlm, self.processor, _ = load_backbone(pretrained)
+        vlm, self.processor, _ = load_backbone(pretrained, self.dtype)
         self.processor.tokenizer.padding_side = "left"  # appended state/query tokens follow the prompt directly
         self.image_text = _image_placeholder(self.processor) if self.camera_keys else ""
         self.backbone = vlm.base_model  # vision tower + projector + language model, without the LM head
@@ -234,10 +287,13 @@ class VLAPolicy(Policy):
             kw = dict(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=True)
             self.noise_scheduler, self.inference_scheduler = DDPMScheduler(**kw), DDIMScheduler(**kw)
 
-        # frozen backbone weights come from `pretrained`, not from the checkpoint
+        # frozen backbone weights come from `pretrained`, not from the checkpoint (nor the EMA, nor copies
+        # for evaluation); the checkpoint records which backbone it was trained on and refuses another
         self._external_keys = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if not p.requires_grad}
         self._external_keys |= {f"backbone.{n}" for n, _ in self.backbone.named_buffers()}
+        self.register_buffer("backbone_fingerprint", backbone_fingerprint(pretrained))
         self.register_state_dict_post_hook(_drop_frozen)
+        self.register_load_state_dict_pre_hook(_check_backbone)
         self.register_load_state_dict_post_hook(_allow_frozen_missing)
 
     # ------------------------------------------------------------------ setup
@@ -265,6 +321,8 @@ class VLAPolicy(Policy):
         inject_adapter_in_model(config, self.backbone)
         for n, p in self.backbone.named_parameters():
             p.requires_grad_("lora_" in n)
+            if "lora_" in n:  # trained weights stay float32 over a half-precision backbone (peft casts the inputs)
+                p.data = p.data.float()
 
     def trainable_parameter_counts(self) -> dict[str, int]:
         """Trainable parameters: backbone (LoRA adapters, or all when fully fine-tuned) vs heads, and the frozen rest."""
@@ -341,7 +399,10 @@ class VLAPolicy(Policy):
         if self.head_type == "l1":
             hidden, _ = self._features(batch, self.action_queries[None])
             pred = self.action_head(hidden[:, -self.horizon :].float())
-            return {"loss": F.l1_loss(pred, actions)}
+            is_pad = batch.get("action_is_pad")  # steps past an episode's end are edge-padded copies: no target
+            if is_pad is None:
+                return {"loss": F.l1_loss(pred, actions)}
+            return {"loss": masked_l1(pred, actions, is_pad.to(pred.device).bool())}
         hidden, mask = self._features(batch, None)
         noise = torch.randn_like(actions)
         if self.head_type == "flow":
@@ -359,8 +420,14 @@ class VLAPolicy(Policy):
         # the state token is the last position: keep it separately so the pooled prompt does not drown it
         return torch.cat([pooled, hidden[:, -1].float()], -1) if self.state_proj is not None else pooled
 
+    @property
+    def supports_guide(self) -> bool:
+        """Real-time chunking needs a sampler to guide: the flow and diffusion heads, not l1."""
+        return self.head_type != "l1"
+
     @torch.no_grad()
-    def predict_action(self, obs: Mapping[str, Any]) -> torch.Tensor:
+    def predict_action(self, obs: Mapping[str, Any], guide: ChunkGuide | None = None) -> torch.Tensor:
+        """`guide`: real-time chunking (flow/diffusion heads; `policies/guidance.py`)."""
         obs = {k: (v if k == "instruction" else torch.as_tensor(v, device=self.device)) for k, v in obs.items()}
         if self.head_type == "l1":
             hidden, _ = self._features(obs, self.action_queries[None])
@@ -369,16 +436,23 @@ class VLAPolicy(Policy):
             hidden, mask = self._features(obs, None)
             B = hidden.shape[0]
             x = torch.randn(B, self.horizon, self.action_dim, device=hidden.device)
+            inpaint = None if guide is None else (*self.guide_tensors(guide, B, self.horizon, self.n_obs_steps - 1), guide.max_weight)
             if self.head_type == "flow":
                 dt = 1.0 / self.num_inference_steps
                 for i in range(self.num_inference_steps):  # Euler from t=1 (noise) to t=0 (actions)
-                    t = torch.full((B,), 1.0 - i * dt, device=x.device)
-                    x = x - dt * self.expert(x, t, hidden, mask).float()
+                    t = 1.0 - i * dt
+                    v_fn = lambda xg, t=t: self.expert(xg, torch.full((B,), t, device=xg.device), hidden, mask).float()  # noqa: E731
+                    x = x - dt * (v_fn(x) if inpaint is None else guided_velocity(v_fn, x, t, *inpaint))
             else:
                 cond = self._diffusion_cond(hidden, mask)
                 sched = self.inference_scheduler
                 sched.set_timesteps(self.num_inference_steps, device=x.device)
                 for t in sched.timesteps:
-                    x = sched.step(self.unet(x, t, cond), t, x).prev_sample
+                    net = lambda xg, t=t: self.unet(xg, t, cond)  # noqa: E731
+                    if inpaint is None:
+                        x = sched.step(net(x), t, x).prev_sample
+                    else:
+                        x = guided_step(sched, guided_eps(net, x, float(sched.alphas_cumprod[int(t)]), *inpaint), t, x)
             actions = x
-        return self.action_slice(self.normalizer.unnormalize(self.action_key, actions))
+        actions = self.action_slice(self.normalizer.unnormalize(self.action_key, actions))
+        return actions if guide is None else self.keep_frozen(actions, guide)

@@ -7,6 +7,9 @@
         train_state.pt          step, online weights, optimizer, LR scheduler, EMA, RNG states
                                 (plain tensors and numbers: loads with weights_only=True)
     <run_dir>/checkpoints/latest   name of the newest complete checkpoint (atomically replaced)
+
+Writing lives here; reading (resolve_checkpoint, load_config, read_weights) in protege/fileio.py, a layer
+below the policies, and load_policy (config -> policy + weights) in protege/policies/base.py.
 """
 
 from __future__ import annotations
@@ -19,12 +22,11 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from protege.errors import ProtegeError
-from protege.policies.base import Policy
-
-FILES = ("model.safetensors", "normalizer.safetensors", "config.yaml")
+# reading lives a layer below (policies read checkpoints too); re-exported for callers of this module
+from protege.fileio import FILES, atomic_write_text, load_config, resolve_checkpoint  # noqa: F401
+from protege.policies.base import Policy, load_policy  # noqa: F401
 
 
 def _split_state(policy: Policy) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -32,15 +34,6 @@ def _split_state(policy: Policy) -> tuple[dict[str, torch.Tensor], dict[str, tor
     for k, v in policy.state_dict().items():
         (norm if k.startswith("normalizer.") else model)[k] = v.detach().contiguous().cpu()
     return model, norm
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -64,48 +57,11 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _atomic_write_text(ckpt_root / "latest", final.name)
+    atomic_write_text(ckpt_root / "latest", final.name)
     old = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []
     for p in old:
         shutil.rmtree(p, ignore_errors=True)
     return final
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run dir / checkpoints dir whose newest checkpoint is used."""
-    path = Path(path)
-    for cand in (path, path / "checkpoints"):
-        if (cand / "model.safetensors").exists():
-            return cand
-        if (cand / "latest").exists():
-            return cand / (cand / "latest").read_text().strip()
-    raise ProtegeError(
-        f"{path}: expected a checkpoint folder ({', '.join(FILES)}) or a run directory with checkpoints/latest, found neither"
-    )
-
-
-def load_config(ckpt_dir: Path) -> DictConfig:
-    ckpt_dir = resolve_checkpoint(ckpt_dir)
-    for name in FILES:
-        if not (ckpt_dir / name).exists():
-            raise ProtegeError(f"{ckpt_dir}: checkpoint is missing {name}")
-    return OmegaConf.load(ckpt_dir / "config.yaml")
-
-
-def load_policy(ckpt_dir: str | Path, cfg: DictConfig | None = None, device: str | torch.device = "cpu") -> Policy:
-    """Rebuild the policy from its saved config and load weights + normalizer (strictly)."""
-    from protege.policies import build_policy
-
-    ckpt_dir = resolve_checkpoint(ckpt_dir)
-    cfg = load_config(ckpt_dir) if cfg is None else cfg
-    from protege.policies.nets.encoder import restoring_weights
-
-    with restoring_weights():  # every weight comes from this checkpoint (not from a pretrained encoder's)
-        policy = build_policy(cfg.policy, OmegaConf.to_container(cfg.shape_meta))
-    state = load_file(ckpt_dir / "model.safetensors")
-    state.update(load_file(ckpt_dir / "normalizer.safetensors"))
-    policy.load_state_dict(state, strict=True)
-    return policy.to(device).eval()
 
 
 def load_train_state(ckpt_dir: Path) -> dict[str, Any]:

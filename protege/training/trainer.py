@@ -2,21 +2,28 @@
 
 Reads a hydra config (`protege/configs/train.yaml`). Everything that makes the next loss differ is
 saved in `train_state.pt` (online weights, optimizer, LR scheduler, EMA, torch RNG and the sampler's
-numpy generator), so `resume=true` continues a run bit-for-bit on CPU. Validation and evaluation run
+position in the window stream), so `resume=true` continues a run bit-for-bit on CPU. Validation and evaluation run
 inside `torch.random.fork_rng` so they never perturb the training stream.
 
-Multi-GPU: launched with `torchrun --nproc_per_node=N -m protege.cli train ...` every rank trains
-on its own sample stream with DistributedDataParallel (NCCL on CUDA, gloo on CPU); rank 0 logs,
-checkpoints and evaluates.
+Data (`protege/datasets/loader.py`): one stream of window indices, a function of (seed, position);
+batches from an in-memory copy of the buffer when it fits `train.data.memory_budget_gb`, else read
+from the store by DataLoader workers.
+
+Multi-GPU / multi-node: launched with `torchrun ... -m protege.cli train ...` every rank trains on
+disjoint windows of the same stream with DistributedDataParallel (NCCL on CUDA, gloo on CPU);
+rank 0 logs, checkpoints and evaluates.
+
+Preemption: SIGINT/SIGTERM finish the current step, write a checkpoint (every rank agrees on the
+step) and return `interrupted`; `protege train` prints the resume command.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +34,35 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
+from protege.datasets.loader import WindowIndexStream, batch_iterator, load_buffer
 from protege.datasets.replay_buffer import ReplayBuffer
 from protege.datasets.sampler import SequenceSampler, split_episodes, to_torch
 from protege.errors import ConfigError
 from protege.policies.base import Policy, build_policy, shape_meta_from_buffer
 from protege.training import checkpoint as ckpt
+from protege.training.preemption import StopSignal, agree_on_stop
 
 
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def ema_weights(policy: Policy, ema: EMAModel | None, params: list[torch.nn.Parameter]) -> Iterator[Policy]:
+    """The policy with its EMA weights swapped into `params` (the trainable ones) for saving or evaluating,
+    the online weights restored after. No copy of the policy: a frozen backbone (a VLM's billions of
+    parameters) is never duplicated; only the trainable weights are stored aside meanwhile."""
+    if ema is None:
+        yield policy
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield policy
+    finally:
+        ema.restore(params)
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -51,13 +76,19 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
 
 
-def dataset_path(cfg: DictConfig) -> Path:
-    return Path(cfg.dataset or cfg.task.dataset)
+def dataset_path(cfg: DictConfig) -> Path | str:
+    """A local path, or an fsspec URL kept as a string (Path would turn 'memory://x' into 'memory:/x')."""
+    if not (cfg.dataset or cfg.task.dataset):
+        raise ConfigError(f"task {cfg.task.name} has no default dataset; pass dataset=<replay buffer>")
+    name = str(cfg.dataset or cfg.task.dataset)
+    return name if "://" in name else Path(name)
 
 
-def ensure_dataset(cfg: DictConfig, progress: bool = True) -> Path:
+def ensure_dataset(cfg: DictConfig, progress: bool = True) -> Path | str:
     """The training buffer; collected with the task's scripted expert if it does not exist yet."""
     path = dataset_path(cfg)
+    if isinstance(path, str):  # a URL: used as it is
+        return path
     existing = ReplayBuffer.open(path).n_episodes if path.exists() else 0
     if existing < cfg.task.n_demos and not cfg.dataset:
         from protege.envs.collect import collect
@@ -77,14 +108,17 @@ def train(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     own_group = world > 1 and not torch.distributed.is_initialized()
     if own_group:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # SIGINT/SIGTERM handlers from here on; installed before the DataLoader forks its workers
+    stop = StopSignal()
     try:
-        return _train(cfg, progress, rank, world)
+        return _train(cfg, progress, rank, world, stop)
     finally:
+        stop.restore()
         if own_group:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, Any]:
+def _train(cfg: DictConfig, progress: bool, rank: int, world: int, stop: StopSignal) -> dict[str, Any]:
     device = select_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -102,7 +136,8 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
     if world > 1:
         torch.distributed.barrier()  # rank 0 may have just collected the demos
     obs_keys = list(cfg.task.obs_keys)
-    buffer = ReplayBuffer.load(path, keys=[*obs_keys, "action"])
+    dcfg = cfg.train.data
+    buffer, in_memory = load_buffer(path, [*obs_keys, "action"], dcfg.in_memory, dcfg.memory_budget_gb)
     train_eps, val_eps = split_episodes(buffer.n_episodes, cfg.train.val_ratio, cfg.seed)
     if len(train_eps) == 0:
         raise ConfigError(f"{path}: no training episodes (buffer holds {buffer.n_episodes})")
@@ -128,9 +163,8 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
     ema = EMAModel(trainable, decay=tcfg.ema.max_decay, use_ema_warmup=True, power=tcfg.ema.power) if tcfg.ema.enabled else None
     dtype = amp_dtype(tcfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    rng = np.random.default_rng([cfg.seed, rank])
 
-    step = 0
+    step, position = 0, 0  # position: windows consumed by all ranks (the index stream's state)
     if resume_dir is not None:
         state = ckpt.load_train_state(resume_dir)
         policy.load_state_dict(state["model"])
@@ -139,12 +173,13 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
         scaler.load_state_dict(state["scaler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["rng"]["torch"])
+        per_rank = state["rng"].get("torch_ranks") or [state["rng"]["torch"]]
+        if rank < len(per_rank):  # a rank added on resume keeps its fresh seed
+            torch.set_rng_state(per_rank[rank])
         if torch.cuda.is_available() and state["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if rank < len(state["rng"]["sampler"]):  # a rank added on resume keeps its fresh stream
-            rng.bit_generator.state = state["rng"]["sampler"][rank]
         step = int(state["step"])
+        position = int(state.get("windows", step * tcfg.batch_size * world))
         if is_main:
             print(f"resumed from {resume_dir} at step {step}")
 
@@ -160,36 +195,45 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         writer = SummaryWriter(str(run_dir / "tb"))
 
-    def deployable() -> Policy:
-        if ema is None:
-            return policy
-        ema_policy = copy.deepcopy(policy)
-        ema.copy_to([p for p in ema_policy.parameters() if p.requires_grad])
-        return ema_policy
+    def deployable() -> contextlib.AbstractContextManager[Policy]:
+        return ema_weights(policy, ema, trainable)
 
-    def save(at_step: int, sampler_states: list[dict]) -> Path:
+    def save(at_step: int, torch_states: list[torch.Tensor]) -> Path:
         train_state = {
             "step": at_step,
-            "model": policy.state_dict(),
+            "windows": position,
+            "model": {k: v.clone() for k, v in policy.state_dict().items()},  # online weights: the EMA swaps in below
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "ema": ema.state_dict() if ema is not None else {},
-            "rng": {"torch": torch.get_rng_state(), "sampler": sampler_states,
+            "rng": {"torch": torch_states[0], "torch_ranks": torch_states,
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
-        return ckpt.save_checkpoint(ckpt_root, at_step, deployable(), cfg, train_state, keep=tcfg.keep_checkpoints)
+        with deployable() as deploy:
+            return ckpt.save_checkpoint(ckpt_root, at_step, deploy, cfg, train_state, keep=tcfg.keep_checkpoints)
 
-    batches = sampler.iter_batches(tcfg.batch_size, rng)
+    stream = WindowIndexStream(len(sampler), tcfg.batch_size, cfg.seed, rank, world, position)
+    batches = batch_iterator(sampler, stream, streaming=not in_memory, num_workers=dcfg.num_workers,
+                             prefetch_factor=dcfg.prefetch_factor, pin_memory=device.type == "cuda")
+    if is_main and not in_memory:
+        print(f"streaming windows from {path} ({dcfg.num_workers} workers): the decoded buffer exceeds "
+              f"train.data.memory_budget_gb={dcfg.memory_budget_gb}" if dcfg.in_memory == "auto" else
+              f"streaming windows from {path} ({dcfg.num_workers} workers)")
     losses: list[float] = []
     last_ckpt: Path | None = resume_dir
     bar = tqdm(total=tcfg.steps, initial=step, desc="train", unit="step", disable=not (progress and is_main), dynamic_ncols=True)
     t0, t_log = time.perf_counter(), time.perf_counter()
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
     stop_at = min(tcfg.steps, tcfg.stop_at or tcfg.steps)  # stop_at: end early (as if preempted); resume later
-    while step < stop_at:
+    interrupted = 0
+    wait_s: list[float] = []  # per step: time blocked on the data (the rest of step_s is compute)
+    step_s: list[float] = []
+    while step < stop_at and not interrupted:
         policy.train()
+        t_step = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        wait_s.append(time.perf_counter() - t_step)
         with autocast():
             out = model(batch)
         loss = out["loss"]
@@ -204,13 +248,16 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
         if ema is not None:
             ema.step(trainable)
         step += 1
-        loss_value = loss.item()
+        position += stream.global_batch
+        interrupted = agree_on_stop(stop.signum, world, device)
+        loss_value = loss.item()  # also waits for the device: step_s covers the whole step
+        step_s.append(time.perf_counter() - t_step)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr or check the data")
         losses.append(loss_value)
         bar.update(1)
-        save_due = (tcfg.ckpt_every and step % tcfg.ckpt_every == 0) or step == stop_at
-        sampler_states = _gather_rng_states(rng, world) if save_due else None  # collective: every rank joins
+        save_due = (tcfg.ckpt_every and step % tcfg.ckpt_every == 0) or step == stop_at or interrupted
+        torch_states = _gather_rng_states(world) if save_due else None  # collective: every rank joins
         if not is_main:
             continue
         if step % tcfg.log_every == 0 or step == tcfg.steps:
@@ -219,6 +266,8 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
             writer.add_scalar("train/loss", loss_value, step)
             writer.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], step)
             writer.add_scalar("train/steps_per_s", tcfg.log_every / max(now - t_log, 1e-9), step)
+            recent = slice(-tcfg.log_every, None)
+            writer.add_scalar("train/data_wait_frac", sum(wait_s[recent]) / max(sum(step_s[recent]), 1e-9), step)
             if grad_norm is not None:
                 writer.add_scalar("train/grad_norm", float(grad_norm), step)
             for k, v in out.items():
@@ -228,17 +277,20 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
         if val_sampler is not None and tcfg.val_every and step % tcfg.val_every == 0:
             writer.add_scalar("val/loss", validation_loss(policy, val_sampler, tcfg.batch_size, device, cfg.seed), step)
         if save_due:
-            last_ckpt = save(step, sampler_states)
+            last_ckpt = save(step, torch_states)
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-            summary = run_eval(cfg, deployable(), run_dir / f"eval_step_{step:08d}.json", video=False, progress=False)
+            with deployable() as deploy:
+                summary = run_eval(cfg, deploy, run_dir / f"eval_step_{step:08d}.json", video=False, progress=False)
             writer.add_scalar("eval/success_rate", summary["success_rate"], step)
     bar.close()
     result: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None, "losses": losses,
-                              "train_time_s": time.perf_counter() - t0}
+                              "train_time_s": time.perf_counter() - t0, "step": step, "interrupted": interrupted,
+                              "policy": policy, "data_wait_s": wait_s, "step_s": step_s}
     if world > 1:
         torch.distributed.barrier()
-    if is_main and cfg.eval.n_episodes > 0 and step == tcfg.steps:
-        summary = run_eval(cfg, deployable(), run_dir / "eval.json", video=cfg.eval.video, progress=progress)
+    if is_main and cfg.eval.n_episodes > 0 and step == tcfg.steps and not interrupted:
+        with deployable() as deploy:
+            summary = run_eval(cfg, deploy, run_dir / "eval.json", video=cfg.eval.video, progress=progress)
         writer.add_scalar("eval/success_rate", summary["success_rate"], step)
         result["eval"] = summary
     if writer is not None:
@@ -246,8 +298,9 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int) -> dict[str, 
     return result
 
 
-def _gather_rng_states(rng: np.random.Generator, world: int) -> list[dict]:
-    state = rng.bit_generator.state
+def _gather_rng_states(world: int) -> list[torch.Tensor]:
+    """Every rank's torch RNG state (ranks draw different noise; resume restores each one's)."""
+    state = torch.get_rng_state()
     if world == 1:
         return [state]
     states: list[Any] = [None] * world
@@ -274,7 +327,8 @@ def validation_loss(policy: Policy, sampler: SequenceSampler, batch_size: int, d
 def run_eval(cfg: DictConfig, policy: Policy, out_json: Path, video: bool = True, progress: bool = True) -> dict[str, Any]:
     """Roll the policy out in the task's env; write the summary JSON (and a video) next to it."""
     from protege.envs import make_env
-    from protege.evaluation.rollout import evaluate, write_json
+    from protege.evaluation.rollout import evaluate
+    from protege.fileio import write_json
 
     ecfg = cfg.eval
     env_kwargs = OmegaConf.to_container(cfg.task.env, resolve=True)
@@ -290,6 +344,8 @@ def run_eval(cfg: DictConfig, policy: Policy, out_json: Path, video: bool = True
             policy, env_fn, n_episodes=ecfg.n_episodes, n_envs=ecfg.n_envs, seed=ecfg.seed,
             video_path=out_json.with_suffix(".mp4") if video else None, video_episodes=ecfg.video_episodes,
             asynchronous=ecfg.asynchronous, progress=progress, temporal_ensemble=ecfg.get("temporal_ensemble", "policy"),
+            chunk_join=ecfg.get("chunk_join"), delay_steps=int(ecfg.get("delay_steps") or 0),
+            execute_steps=ecfg.get("execute_steps"),
         )
     summary["task"] = cfg.task.name
     summary["policy"] = cfg.policy.name

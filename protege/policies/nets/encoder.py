@@ -12,9 +12,7 @@ normalises with the policy's normalizer.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +21,7 @@ from torch import nn
 
 from protege.datasets.normalizer import Normalizer
 from protege.errors import DataError
-
-# set while a checkpoint's full state dict is about to be loaded (checkpoint.load_policy): the weights
-# come from that checkpoint, so the pretrained-encoder file need not exist any more
-_RESTORING = contextvars.ContextVar("protege_restoring_weights", default=False)
-
-
-@contextlib.contextmanager
-def restoring_weights() -> Iterator[None]:
-    token = _RESTORING.set(True)
-    try:
-        yield
-    finally:
-        _RESTORING.reset(token)
+from protege.fileio import load_config, read_weights, resolve_checkpoint
 
 
 def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
@@ -97,15 +83,11 @@ def load_pretrained_encoder(encoder: ObsEncoder, checkpoint: str | Path) -> None
 
     Raises DataError naming the checkpoint, the key, and the expected vs found shape when the source
     was trained on different observations or with a different encoder architecture."""
-    from safetensors.torch import load_file
     from omegaconf import OmegaConf
-
-    from protege.training.checkpoint import load_config, resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     cfg = load_config(ckpt)
-    src = load_file(ckpt / "model.safetensors")
-    src.update(load_file(ckpt / "normalizer.safetensors"))
+    src = read_weights(ckpt)
     src_enc = {k.removeprefix("obs_encoder."): v for k, v in src.items() if k.startswith("obs_encoder.")}
     if not src_enc:
         raise DataError(ckpt, "obs_encoder", "a checkpoint whose policy has an observation encoder (obs_encoder.*)",
@@ -144,7 +126,7 @@ def build_obs_encoder(shape_meta: Mapping[str, Mapping[str, Any]], obs_keys: Seq
                       freeze: bool = False, **arch: Any) -> ObsEncoder:
     """An ObsEncoder; with `checkpoint`, initialised from that run's encoder (`freeze`: no gradient)."""
     encoder = ObsEncoder(shape_meta, obs_keys, **arch)
-    if checkpoint and not _RESTORING.get():
+    if checkpoint:
         load_pretrained_encoder(encoder, checkpoint)
     if freeze:
         if not checkpoint:

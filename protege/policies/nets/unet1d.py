@@ -89,9 +89,12 @@ class ConditionalUnet1D(nn.Module):
         """FiLM parameters for every step of a K-step sampling loop in one batched call.
 
         timesteps (K,), global_cond (B, G) -> K lists (one per step) of per-block (B, 2C) tensors,
-        to pass as `films=` to `forward` at step k."""
-        K, B = len(timesteps), global_cond.shape[0]
-        films = [f.view(K, B, -1) for f in self.films(timesteps.repeat_interleave(B), global_cond.repeat(K, 1))]
+        to pass as `films=` to `forward` at step k. Broadcasting (not repeat) keeps the batch size
+        symbolic when the sampling loop is exported with a dynamic batch."""
+        K, B = timesteps.shape[0], global_cond.shape[0]
+        emb = self.step_encoder(timesteps)[:, None].expand(K, B, -1)
+        cond = torch.cat([emb, global_cond[None].expand(K, B, -1)], dim=-1)
+        films = [block.film(cond) for block in self.blocks]  # each (K, B, 2C)
         return [[f[k] for f in films] for k in range(K)]
 
     @property
