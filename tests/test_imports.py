@@ -16,9 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "protege"
 LAYERS = [
     ["protege", "protege.errors", "protege.fileio"],
     ["protege.datasets"],
-    # robots and the sim tasks built on them: envs use the robot backends, and the ALOHA backend
-    # (hardware/aloha_robot.py) uses the ALOHA scene in envs/aloha.py, so one layer for now
-    ["protege.hardware", "protege.envs"],
+    ["protege.hardware"],  # robots (and their models: panda.py, aloha_model.py)
+    ["protege.envs"],  # sim tasks, built on the robots
     ["protege.policies"],
     ["protege.runtime"],
     ["protege.evaluation"],

@@ -68,7 +68,7 @@ def test_train_and_eval_task_robomimic_on_a_converted_robomimic_file(lift_demos,
     assert ReplayBuffer.open("lift.zarr").attrs["robomimic"]["env_args"]["env_name"] == "Lift"
     capsys.readouterr()
     rc = main(["train", "task=robomimic", "dataset=lift.zarr", "policy=bc", "train.steps=20", "train.val_every=0",
-               "eval.n_episodes=2", "eval.n_envs=2", "eval.video=false", "task.env.max_episode_steps=5", "run_dir=run"])
+               "eval.n_episodes=1", "eval.n_envs=1", "eval.video=false", "task.env.max_episode_steps=5", "run_dir=run"])
     assert rc == 0 and "success_rate=" in capsys.readouterr().out
     rc = main(["eval", "checkpoint=run", "eval.n_episodes=1", "eval.n_envs=1", "eval.video=true", "eval.video_episodes=1"])
     out = capsys.readouterr().out
