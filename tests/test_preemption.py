@@ -20,15 +20,19 @@ from protege.training.preemption import StopSignal
 
 
 def test_first_signal_is_recorded_and_a_second_ctrl_c_stops_at_once():
-    stop = StopSignal()
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (not `nohup &`)
     try:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.signum == signal.SIGTERM  # recorded, nothing raised: the step goes on
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+        stop = StopSignal()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM  # recorded, nothing raised: the step goes on
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        finally:
+            stop.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
     finally:
-        stop.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+        signal.signal(signal.SIGINT, outer)
 
 
 @pytest.fixture
@@ -54,7 +58,9 @@ def test_signalled_run_checkpoints_and_its_resume_command_reproduces_the_uninter
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "protege.cli", "train", *args, f"run_dir={run}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"},
+                            # Ctrl-C as in a terminal, even when the tests run in the background (SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (run / "checkpoints" / "step_00000050").exists():  # mid-run: past its first checkpoint
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:] if proc.poll() else "timeout"

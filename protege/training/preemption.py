@@ -22,7 +22,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopSignal:
-    """Installs the handlers (main thread only; elsewhere it stays inert) until `restore()`."""
+    """Installs the handlers (main thread only; elsewhere it stays inert; ignored signals stay
+    ignored) until `restore()`."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -30,7 +31,8 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:  # e.g. SIGINT under `nohup ... &`: stays ignored
+                    self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._pid:
