@@ -290,7 +290,14 @@ def test_connection_lost(tmp_path) -> None:  # noqa: ANN001
 
 def test_sigint_stops_safely(tmp_path) -> None:  # noqa: ANN001
     runner, robot = make_runner(tmp_path, GoalPolicy(), max_steps=200)
-    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+
+    def interrupt_once_running() -> None:  # after a few ticks, however slow the start-up on a loaded machine
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and getattr(getattr(runner, "stats", None), "ticks", 0) < 5:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_running, daemon=True).start()
     report = runner.run()
     assert report["status"] == "SIGINT" and report["exit_code"] == 130
     assert "SIGINT" in report["message"]
