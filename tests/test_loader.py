@@ -54,10 +54,8 @@ def test_memory_budget_decides(tmp_path, rng):
 
 @pytest.mark.parametrize("url", ["file", "memory"])
 def test_streaming_batches_equal_in_memory_batches_for_any_worker_count(tmp_path, rng, url):
-    # (written through a plain path for file://: creating a group over fsspec's local filesystem is
-    # the replay buffer's business; reading it back through the URL is the loader's)
     store = f"memory://loader-test-{rng.integers(1 << 30)}.zarr" if url == "memory" else f"file://{tmp_path}/b.zarr"
-    buf = ReplayBuffer.create(store if url == "memory" else tmp_path / "b.zarr", fps=10)
+    buf = ReplayBuffer.create(store, fps=10)
     for length in (30, 7, 45):
         buf.append_episode(make_episode(rng, length, image=True))
     keys = ["obs/state", "obs/cam", "action"]

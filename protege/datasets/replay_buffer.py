@@ -55,6 +55,14 @@ def _store_repr(store: Any) -> str:
     return str(store) if isinstance(store, (str, Path)) else repr(store)
 
 
+def _zarr_store(store: Any) -> Any:
+    """What zarr opens: a `file://` URL becomes its local path, because zarr's fsspec store over the local
+    filesystem does not create parent folders and fails on the first write into a new group."""
+    if isinstance(store, str) and store.startswith("file://"):
+        return store[len("file://"):]
+    return store
+
+
 class ReplayBuffer:
     """Episodes of named arrays over a zarr group (on disk / fsspec) or plain numpy (in memory).
 
@@ -90,7 +98,7 @@ class ReplayBuffer:
         `image_storage` says how image keys are stored (default: JPEG quality 95, original size)."""
         path = _store_repr(store)
         try:
-            root = zarr.open_group(store, mode="w" if overwrite else "w-")
+            root = zarr.open_group(_zarr_store(store), mode="w" if overwrite else "w-")
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as e:
             raise DataError(path, None, "an empty location (or overwrite=True)", "existing data") from e
         meta = {"protege_format": FORMAT_VERSION, "fps": float(fps), "kinds": {}, "units": {}, "provenance": {}}
@@ -111,7 +119,7 @@ class ReplayBuffer:
         if isinstance(store, (str, Path)) and "://" not in str(store) and not Path(store).exists():
             raise DataError(path, None, "an existing replay buffer directory", "no such path")
         try:
-            root = zarr.open_group(store, mode="r" if mode == "r" else "r+")
+            root = zarr.open_group(_zarr_store(store), mode="r" if mode == "r" else "r+")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError) as e:
             raise DataError(path, None, "a zarr group (a protege replay buffer)", f"not a zarr group ({e})") from e
         attrs = dict(root.attrs)
