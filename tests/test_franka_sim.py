@@ -142,24 +142,36 @@ def test_franka_runner_against_franky_sim(sim: FrankySim, tmp_path: Path) -> Non
     # commands reach the simulated robot: joint 1 follows the commanded wave (amplitude 0.15 rad)
     q, cmd = buf["robot/joint_pos"][: buf.n_steps, 0], buf["command/q"][: buf.n_steps, 0]
     assert np.ptp(q) > 0.15
-    # measured vs the previous tick's command: within about a tick of motion (franky-sim may run slower
-    # than real time on a loaded machine, so a tick can hold less than 100 ms of robot time)
+    # measured vs the previous tick's command: within about a tick of motion. franky-sim may run slower
+    # than real time on a loaded machine: a tick then holds less robot time (robot/t), and the same
+    # tracking delay in robot time spans more ticks, so the bounds scale with the measured slowdown
+    slow = max(1.0, 0.1 / float(np.median(np.diff(t))))
     lag = np.abs(q[5:] - cmd[4:-1])
     step = np.median(np.abs(np.diff(cmd)))
-    assert np.median(lag) < 2 * step + 0.005 and lag.max() < 0.1, (np.median(lag), step)
-    assert np.corrcoef(q[5:], cmd[4:-1])[0, 1] > 0.95
+    assert np.median(lag) < (2 * step + 0.005) * slow and lag.max() < 0.1 * slow, (np.median(lag), lag.max(), step, slow)
+    corr = max(np.corrcoef(q[4 + k:], cmd[4:-k])[0, 1] for k in range(1, int(np.ceil(slow)) + 1))
+    assert corr > 0.95, (corr, slow)
     assert robot.stopped
 
 
 def test_franka_connection_lost(sim: FrankySim, tmp_path: Path) -> None:
     runner, robot = franka_runner(sim, tmp_path, JointWavePolicy(), steps=200)
-    threading.Timer(2.5, sim.kill).start()
+
+    def kill_when_running() -> None:  # after 10 ticks, however long connecting took on this machine
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and getattr(getattr(runner, "stats", None), "ticks", 0) < 10:
+            time.sleep(0.02)
+        sim.kill()
+
+    killer = threading.Thread(target=kill_when_running, daemon=True)
+    killer.start()
     report = runner.run()
+    killer.join(timeout=10)
     assert report["status"] == "robot_error" and report["exit_code"] == 4
     assert "connection lost" in report["message"] or "robot error" in report["message"]
     buf = ReplayBuffer.open(tmp_path / "run" / "recording.zarr")
     buf.validate_data()
-    assert buf.n_steps == report["ticks"] >= 5
+    assert buf.n_steps == report["ticks"] >= 10
     assert robot.stopped
 
 
