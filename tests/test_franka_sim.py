@@ -263,7 +263,9 @@ def test_cli_run_camera_policy_against_franky_sim(sim: FrankySim, camera_checkpo
     camera = f"{{backend: replay, path: '{frames}', key: obs/front, fps: 20}}"
     cmd = [sys.executable, "-m", "protege.cli", "run", f"checkpoint={run_dir}", "hardware=franka",
            f"hardware.hostname={sim.host}", "hardware.realtime_config=ignore", f"+hardware.cameras.front={camera}",
-           "runner.state_keys=[joint_pos,gripper]", f"runner.max_steps={steps}", f"runner.out_dir={out}"]
+           "runner.state_keys=[joint_pos,gripper]", f"runner.max_steps={steps}", f"runner.out_dir={out}",
+           # a loaded 2-core machine: room for spawning the 1 kHz process, and for an inference stall
+           "+hardware.connect_timeout=120", "runner.watchdog_timeout=3"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "run: completed (exit 0)" in p.stdout and "camera frames: age p50/p99" in p.stdout
