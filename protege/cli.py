@@ -134,7 +134,9 @@ def compose(config_name: str, overrides: list[str]) -> Any:
         with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return hydra.compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"config {config_name}.yaml: {str(e).splitlines()[0]}") from e
+        lines = str(e).splitlines()
+        hint = next((f" ({ln.strip()})" for ln in lines[1:] if ln.startswith("To append")), "")  # e.g. a new key needs +
+        raise ConfigError(f"config {config_name}.yaml: {lines[0]}{hint}") from e
 
 
 def resume_command(args: list[str], run_dir: str) -> str:

@@ -344,8 +344,16 @@ def test_runner_agrees_with_gymnasium_eval(reach_bc, tmp_path) -> None:  # noqa:
     # real time (wall-clock pacing, inference in the worker thread): the same success rate up to
     # timing noise (sim time between ticks follows the wall clock, not exactly 100 ms)
     s.out_dir = str(tmp_path / "rt")
-    rt = Runner(policy, MujocoRobot(realtime=True), "ee_delta", task.state_keys, [], task, s).run()
-    assert rt["status"] == "completed" and rt["deadline_misses"] == 0
+    runner = Runner(policy, MujocoRobot(realtime=True), "ee_delta", task.state_keys, [], task, s)
+    rt = runner.run()
+    assert rt["status"] == "completed", rt["message"]
+    # no deadline miss, unless the machine stalled an inference call: the loop waits inference_budget of a
+    # period for a chunk requested at the tick that needs it (this MLP takes ~1 ms), so on a loaded machine
+    # a call preempted for longer costs up to ceil(latency / period) + 1 ticks. Unstalled runs: exactly 0.
+    budget = s.inference_budget / s.rate_hz
+    stalled = [lat for lat in runner.stats.latency if lat > budget / 2]
+    allowed = sum(int(np.ceil(lat * s.rate_hz)) + 1 for lat in stalled)
+    assert rt["deadline_misses"] <= allowed, (rt["deadline_misses"], rt["miss_causes"], sorted(runner.stats.latency)[-5:])
     assert abs(rt["success_rate"] - ev["success_rate"]) <= 0.2, (rt["episodes"], ev["episodes"])
 
 

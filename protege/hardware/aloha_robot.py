@@ -9,26 +9,24 @@ in `protege eval` and `protege run hardware=aloha_mujoco`.
 
 Time: simulated (`realtime: false`, the default: the clock's `sleep_until` steps the physics, so runs
 are reproducible and match evaluation) or real time (physics catch up with the wall clock at every
-`read()`, as in `mujoco_robot.py`). Limits: joint positions are the actuators' control ranges (MuJoCo
-clamps to them too), grippers the normalised [0, 1]; velocity and acceleration limits default to values that
+`read()`; the clock code is `simulated.py`, shared with `mujoco_robot.py`). Limits: joint positions
+are the actuators' control ranges (MuJoCo clamps to them too), grippers the normalised [0, 1]; velocity and acceleration limits default to values that
 do not bind in simulation, whose position servos bound the motion themselves (ACT's scripted motions
 reach 13 rad/s target steps); a real arm declares its servos' limits in `limits`.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from protege.errors import ConfigError
-from protege.hardware.base import (ArmGroup, Feature, JointCommand, Limits, MonotonicClock, Observation, RobotError,
-                                   RobotFeatures)
+from protege.hardware.base import ArmGroup, Feature, JointCommand, Limits, Observation, RobotError, RobotFeatures
 from protege.hardware.cameras import CameraSet
-from protege.hardware.mujoco_robot import SimClock, _camera_specs, _hw
+from protege.hardware.mujoco_robot import _camera_specs, _hw
+from protege.hardware.simulated import SimulatedTime
 
 N_ARM = 6
 ARM_QPOS = np.r_[0:6, 8:14]  # qpos of the 12 arm joints (fingers at 6-7 and 14-15; objects from 16)
@@ -42,7 +40,7 @@ FEATURES = RobotFeatures(
     cartesian=False)
 
 
-class AlohaRobot:
+class AlohaRobot(SimulatedTime):
     def __init__(
         self,
         name: str = "aloha_mujoco",
@@ -71,11 +69,8 @@ class AlohaRobot:
                                           FEATURES.arms, False)
         self.limits = self._limits(limits or {})
         self.kinematics = None  # joint space only: no IK, no workspace box
-        self.clock: Any = MonotonicClock() if realtime else SimClock(self)
-        self.data: Any = None
         self.stopped = False
-        self.n_physics_steps = 0
-        self._lock = threading.RLock()
+        self._init_time()  # clock, data, physics step count, lock (simulated.py)
 
     def _limits(self, overrides: dict[str, Any]) -> Limits:
         arm = self.model.actuator_ctrlrange[np.r_[0:6, 8:14]]
@@ -114,20 +109,12 @@ class AlohaRobot:
             if objects is not None:
                 d.qpos[16:] = objects
             d.ctrl[:] = START_ARM_POSE
-            mujoco.mj_forward(self.model, d)
-            self.t0, self.n_physics_steps = time.monotonic(), 0
-
-    @property
-    def sim_time(self) -> float:
-        return self.n_physics_steps * self.timestep
+            self._scene_ready(d)
 
     def read(self) -> Observation:
         from protege.hardware.aloha_model import GRIPPER_CLOSE, GRIPPER_OPEN, normalize_gripper
 
-        d = self._require()
-        with self._lock:
-            if self.realtime:
-                self.advance_to(time.monotonic() - self.t0)
+        with self._synced() as d:
             q, v = d.qpos, d.qvel
             obs = Observation(t=self.sim_time, joint_pos=q[ARM_QPOS].copy(), joint_vel=v[ARM_QPOS].copy(), ee_pos=None,
                               ee_quat=None, gripper=np.asarray(normalize_gripper(q[FINGER_QPOS]), float),
@@ -159,29 +146,3 @@ class AlohaRobot:
 
     def close(self) -> None:
         self.camera_set.stop()
-
-    # ------------------------------------------------------------------------------- simulation
-    def advance_to(self, t: float) -> None:
-        """Step the physics until sim time reaches `t` (holding the command in force)."""
-        import mujoco
-
-        d = self._require()
-        n = int(np.floor(t / self.timestep + 1e-9)) - self.n_physics_steps
-        if n > 0:
-            with self._lock:
-                mujoco.mj_step(self.model, d, nstep=n)
-                self.n_physics_steps += n
-
-    def snapshot(self, data: Any) -> float:
-        """Copy the simulation's poses into a camera thread's `data` (see MujocoCamera)."""
-        with self._lock:
-            d = self._require()
-            if self.realtime and not self.stopped:
-                self.advance_to(time.monotonic() - self.t0)
-            data.qpos[:] = d.qpos
-            return self.clock.now()
-
-    def _require(self) -> Any:
-        if self.data is None:
-            raise RobotError(f"{self.name}: not connected (call connect() first)")
-        return self.data

@@ -5,7 +5,8 @@ steps the physics until sim time catches up with wall time since `connect()` (th
 is held meanwhile, as on a position-controlled arm). There is no physics thread: a 500 Hz Python
 loop would share the GIL with the runner and the inference thread and add jitter to both. With
 `realtime=False` (as fast as possible) `clock` is a simulated clock whose `sleep_until(t)` steps the
-physics to t at once; the gymnasium tasks and the runner's fast mode use that.
+physics to t at once; the gymnasium tasks and the runner's fast mode use that. (`simulated.py`: the
+same clock code serves `aloha_robot.py`.)
 
 Actuation: `position` uses the model's joint position servos (kp 870/120 with joint damping);
 `impedance` switches them off and applies joint-space PD torques `K (q_d - q) - D qdot` each physics
@@ -20,8 +21,6 @@ A lock serialises physics, commands and snapshots between the loop and the camer
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,30 +28,15 @@ import numpy as np
 
 from protege.errors import ConfigError
 from protege.hardware.cameras import CameraSet, close_renderer
-from protege.hardware.base import (Feature, JointCommand, Limits, MonotonicClock, Observation, RobotError,
-                                   single_arm_features)
+from protege.hardware.base import Feature, JointCommand, Limits, Observation, RobotError, single_arm_features
 from protege.hardware.panda import ARM_JOINTS, FINGER_JOINTS, HOME_Q, EE_SITE, GRIPPER_MAX, PandaKinematics, load_model
+from protege.hardware.simulated import SimulatedTime
 
 IMPEDANCE_K = np.array([600.0, 600.0, 600.0, 600.0, 250.0, 150.0, 50.0])
 IMPEDANCE_D = np.array([20.0, 20.0, 20.0, 20.0, 5.0, 3.0, 1.0])  # the joints also have passive damping
 
 
-class SimClock:
-    """Simulated time for as-fast-as-possible runs: sleeping advances the physics."""
-
-    realtime = False
-
-    def __init__(self, robot: MujocoRobot) -> None:
-        self.robot = robot
-
-    def now(self) -> float:
-        return self.robot.sim_time
-
-    def sleep_until(self, t: float) -> None:
-        self.robot.advance_to(t)
-
-
-class MujocoRobot:
+class MujocoRobot(SimulatedTime):
     def __init__(
         self,
         name: str = "mujoco",
@@ -82,8 +66,8 @@ class MujocoRobot:
         self.limits = Limits.panda(self.kinematics.lower, self.kinematics.upper, **(limits or {}))
         self.features = single_arm_features(7, cartesian=True, extra={"cube_pos": Feature((3,), "m (simulator only)"),
                                                                        "goal_pos": Feature((3,), "m (simulator only)")})
-        self.clock: Any = MonotonicClock() if realtime else SimClock(self)
-        self.data: Any = None
+        self.stopped = False
+        self._init_time()  # clock, data, physics step count, lock (simulated.py)
         self._renderer: Any = None
         m = self.model
         self.qadr = np.array([m.joint(j).qposadr[0] for j in ARM_JOINTS])
@@ -96,9 +80,6 @@ class MujocoRobot:
         if control == "impedance":
             m.actuator_gainprm[:7, 0] = 0.0  # arm servos off; torques come from advance_to
             m.actuator_biasprm[:7, :3] = 0.0
-        self.stopped = False
-        self.n_physics_steps = 0
-        self._lock = threading.RLock()  # physics, commands and camera snapshots (camera threads)
 
     # -------------------------------------------------------------------------------- protocol
     def connect(self) -> None:
@@ -134,21 +115,12 @@ class MujocoRobot:
             d.mocap_pos[self.goal_mocap] = goal_pos
         self._cmd = JointCommand(q=np.asarray(q, float).copy(), gripper=np.array([gripper], float))
         self._apply(self._cmd)
-        mujoco.mj_forward(self.model, d)
-        self.t0 = time.monotonic()
-        self.n_physics_steps = 0
-
-    @property
-    def sim_time(self) -> float:
-        return self.n_physics_steps * self.timestep
+        self._scene_ready(d)
 
     def read(self) -> Observation:
         import mujoco
 
-        d = self._require()
-        with self._lock:
-            if self.realtime:
-                self.advance_to(time.monotonic() - self.t0)
+        with self._synced() as d:
             quat = np.empty(4)
             mujoco.mju_mat2Quat(quat, d.site_xmat[self.site])
             cube = d.qpos[self.cube_qadr : self.cube_qadr + 3].copy()
@@ -193,30 +165,17 @@ class MujocoRobot:
             self._renderer = None
 
     # ------------------------------------------------------------------------------- simulation
-    def advance_to(self, t: float) -> None:
-        """Step the physics until sim time reaches `t` (holding the command in force)."""
+    def _physics_steps(self, d: Any, n: int) -> None:
+        """`n` physics steps (`advance_to`, simulated.py); impedance control sets its PD torques each step."""
         import mujoco
 
-        d = self._require()
-        n = int(np.floor(t / self.timestep + 1e-9)) - self.n_physics_steps
-        for _ in range(max(0, n)):
-            if self.control == "impedance":
-                q, qd = d.qpos[self.qadr], d.qvel[self.dofadr]
-                d.qfrc_applied[self.dofadr] = IMPEDANCE_K * (self._cmd.q - q) - IMPEDANCE_D * qd
+        if self.control != "impedance":
+            mujoco.mj_step(self.model, d, nstep=n)
+            return
+        for _ in range(n):
+            q, qd = d.qpos[self.qadr], d.qvel[self.dofadr]
+            d.qfrc_applied[self.dofadr] = IMPEDANCE_K * (self._cmd.q - q) - IMPEDANCE_D * qd
             mujoco.mj_step(self.model, d)
-        self.n_physics_steps += max(0, n)
-
-    def snapshot(self, data: Any) -> float:
-        """Copy the simulation's poses (advanced to the wall clock in real time) into `data`, a camera
-        thread's own MjData; returns the snapshot's time on `clock`."""
-        with self._lock:
-            d = self._require()
-            if self.realtime and not self.stopped:
-                self.advance_to(time.monotonic() - self.t0)
-            data.qpos[:] = d.qpos
-            data.mocap_pos[:] = d.mocap_pos
-            data.mocap_quat[:] = d.mocap_quat
-            return self.clock.now()
 
     def render(self, camera: str) -> np.ndarray:
         """One frame of a scene camera at `image_size`, on the calling thread (the env's render())."""
@@ -232,11 +191,6 @@ class MujocoRobot:
     def _apply(self, cmd: JointCommand) -> None:
         self.data.ctrl[:7] = cmd.q
         self.data.ctrl[7:9] = cmd.gripper[0] / 2
-
-    def _require(self) -> Any:
-        if self.data is None:
-            raise RobotError(f"{self.name}: not connected (call connect() first)")
-        return self.data
 
 
 def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
