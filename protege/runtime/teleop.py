@@ -133,6 +133,9 @@ class KeyboardTeleop:
         import termios
 
         self._running = False
+        thread = getattr(self, "_thread", None)
+        if thread is not None:  # let the reader leave select() before the caller may close the fd
+            thread.join(timeout=1.0)
         if self._old is not None:
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._old)
             self._old = None
