@@ -393,3 +393,16 @@ def test_cli_run_ctrl_c(reach_bc, tmp_path) -> None:  # noqa: ANN001
     assert "run: SIGINT (exit 130): stopped by SIGINT" in stdout
     buf = ReplayBuffer.open(out / "recording.zarr")
     assert buf.n_episodes == 1 and 5 <= buf.n_steps < 1000
+
+
+def test_run_refuses_a_checkpoint_observing_fields_the_robot_does_not_declare() -> None:
+    from types import SimpleNamespace
+
+    from protege.errors import ConfigError
+    from protege.hardware.base import single_arm_features
+    from protege.runtime.runner import _check_state_fields
+
+    arm = SimpleNamespace(name="franka", features=single_arm_features(7))
+    _check_state_fields(arm, ["ee_pos", "gripper", "arm"], "franka_reach")  # declared fields and the arm group
+    with pytest.raises(ConfigError, match=r"franka_reach.*\['goal_pos'\].*'franka'"):
+        _check_state_fields(arm, {"obs/state": ["ee_pos", "goal_pos"]}, "franka_reach")
