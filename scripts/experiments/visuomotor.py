@@ -87,12 +87,15 @@ def main() -> None:
 
         policy = load_policy(run_dir)
         meta = cfg.shape_meta
-        cams = {k: v["shape"] for k, v in meta.items() if v["kind"] == "image"}
+        # plain lists: shape_meta holds omegaconf ListConfigs, which json.dumps refuses
+        cams = {k: list(v["shape"]) for k, v in meta.items() if v["kind"] == "image"}
         rows.append({
             "task": args.task if args.task != "metaworld" else cfg.task.name, "policy": policy_name,
             "success": result["eval"]["success_rate"], "episodes": result["eval"]["n_episodes"],
             "max_stage_counts": result["eval"].get("max_stage_counts"),
             "wall_min": wall / 60, "train_min": result["train_time_s"] / 60, "steps": args.steps, "batch": args.batch,
+            # the training loop alone (evaluations during training excluded): the compute budget's rate
+            "steps_per_s": len(result["step_s"]) / max(sum(result["step_s"]), 1e-9),
             "lr": args.lr, "cameras": cams, "obs_keys": list(cfg.task.obs_keys), "dataset": args.dataset,
             "params_m": sum(p.numel() for p in policy.parameters()) / 1e6,
             "curve": eval_curve(run_dir, t0), "overrides": [*PRESETS.get(policy_name, []), *args.overrides],
