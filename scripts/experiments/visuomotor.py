@@ -5,9 +5,10 @@ during training (`--eval-every`, so success can be read against wall time) and a
 a markdown table (success, wall time, sizes); the full results go to `<out>/results_<task>.json`.
 
     # ALOHA transfer-cube from the `top` camera (96x128) + the 14 joint positions; cache the demos once
-    protege collect task=aloha_transfer_cube n_episodes=100 out=/work/data/vision/tc100.zarr
-    python scripts/experiments/visuomotor.py --dataset /work/data/vision/tc100.zarr \\
-        --policies diffusion_image,act_small --steps 6000 --batch 32 --eval-every 2000
+    protege collect task=aloha_transfer_cube n_episodes=100 out=data/tc100.zarr
+    # measured: act_small 0.88 success (50 episodes) in 44.6 min on one CPU thread (README, Image policies)
+    python scripts/experiments/visuomotor.py --dataset data/tc100.zarr --policies act_small \\
+        --steps 7000 --batch 32 --lr 1e-3 --eval-every 1750 --episodes 50 +task.env.terminate_on_success=true
 
     # Meta-World from the `corner` camera + the hand (position and gripper only: no object or goal)
     protege collect task=reach-v3 task.env.cameras=[corner] task.env.image_size=64 task.env.proprio=true \
