@@ -17,7 +17,8 @@
       chunk 100, batch 8, state + camera) and Diffusion Policy (U-Net --dp-dims, horizon 16,
       2 observation steps, batch --dp-batch, state + environment state: LeRobot's refuses pure state);
    c. batch-1 latency of one action chunk (DDIM with the same number of steps for Diffusion Policy;
-      ours through the runtime `protege eval` uses, ONNX Runtime by default);
+      ours through the runtime `protege eval` / `protege run` use, ONNX Runtime by default, for both
+      policies; LeRobot's preprocessor -> predict_action_chunk -> postprocessor);
    d. peak RSS of each process tree.
 
     python scripts/compare_lerobot.py                        # ~10 min on 2 cores
@@ -208,13 +209,14 @@ def ours_infer(spec: dict) -> dict:
     policy = build_policy(cfg.policy, shape_meta_from_buffer(buffer, keys))
     policy.normalizer.fit({k: buffer.data[k] for k, st in policy.normalizer.stats.items() if st.mode != "identity"})
     policy.eval()
-    runtime = "eager"
-    if spec["policy"]["type"] == "diffusion":
-        runtime = policy.accelerate(tempfile.mkdtemp(prefix="compare-export-", dir=spec.get("tmp")), spec.get("runtime", "auto"))
+    # as `protege eval` / `protege run` load a checkpoint: inference through the exported runtime
+    export_dir = tempfile.mkdtemp(prefix="compare-export-", dir=spec.get("tmp"))
+    runtime = policy.accelerate(export_dir, spec.get("runtime", "auto"))
     obs = {k: torch.from_numpy(np.asarray(buffer.data[k][: policy.n_obs_steps]))[None] for k in keys}
     with PeakRSS() as rss, torch.inference_mode():
         res = latency(lambda: policy.predict_action(obs), spec["seconds"])
         shape = list(policy.predict_action(obs).shape)
+    shutil.rmtree(export_dir, ignore_errors=True)
     return {**res, "peak_rss_mb": rss.peak / 2**20, "chunk_shape": shape, "runtime": runtime,
             "params": sum(p.numel() for p in policy.parameters())}
 
