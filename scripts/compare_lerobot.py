@@ -92,12 +92,12 @@ def ensure_ffmpeg() -> bool:
     return False
 
 
-def run_json(cmd: list[str], log: Path) -> dict:
+def run_json(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict:
     """Run a worker; its last stdout line is a JSON object; stderr goes to `log`."""
     with open(log, "a") as err:
         err.write(f"\n$ {' '.join(cmd)}\n")
         err.flush()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     if proc.returncode != 0 or not proc.stdout.strip():
         raise RuntimeError(f"worker failed (exit {proc.returncode}): {' '.join(cmd[:3])} ...; see {log}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -107,10 +107,13 @@ def theirs(venv: Path, job: str, spec: dict, log: Path) -> dict:
     return run_json([str(venv_python(venv)), str(THEIRS), job, "--spec", json.dumps(spec)], log)
 
 
+def with_repo_path() -> dict[str, str]:
+    """This environment, with this checkout first on PYTHONPATH (protege runs from here, installed or not)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
 def ours(job: str, spec: dict, log: Path) -> dict:
-    env_path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    os.environ["PYTHONPATH"] = env_path
-    return run_json([sys.executable, str(Path(__file__).resolve()), "--ours", job, "--spec", json.dumps(spec)], log)
+    return run_json([sys.executable, str(Path(__file__).resolve()), "--ours", job, "--spec", json.dumps(spec)], log, with_repo_path())
 
 
 # ----------------------------------------------------------------------------- our side (in its own process)
@@ -298,7 +301,7 @@ def main() -> None:
         shutil.rmtree(buffer, ignore_errors=True)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "protege.cli", "convert", str(work / "lerobot_camera"), str(buffer)], check=True,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+                       env=with_repo_path(),
                        stdout=subprocess.DEVNULL)
         data["convert_s"] = time.perf_counter() - t0
         marker.write_text(str(a.episodes * a.steps))
