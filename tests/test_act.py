@@ -157,3 +157,18 @@ def test_multi_camera_tokens_and_backbones(shared):
     batch = {**obs, "action": torch.randn(2, 4, 2), "action_is_pad": torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]).bool()}
     out = policy.compute_loss(batch)
     assert set(out) == {"loss", "l1", "kl"} and torch.isfinite(out["loss"])
+
+
+def test_last_cvae_layer_computes_only_the_cls_token():
+    """`n_out=1` gives the first token of the full layer's output (the CVAE reads only CLS)."""
+    from protege.policies.act import TransformerLayer
+
+    torch.manual_seed(0)
+    layer = TransformerLayer(32, 4, 64, dropout=0.0).eval()
+    x, pos = torch.randn(3, 9, 32), torch.randn(1, 9, 32).expand(3, -1, -1)
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    full = layer(x, pos, pad_mask=pad)
+    first = layer(x, pos, pad_mask=pad, n_out=1)
+    assert first.shape == (3, 1, 32)
+    torch.testing.assert_close(first, full[:, :1], rtol=1e-5, atol=1e-5)

@@ -108,3 +108,29 @@ def test_aoti_denoising_loop_equals_eager(tmp_path):
     eager = predict(p, obs)
     assert p.accelerate(tmp_path, "aoti") == "aoti"
     assert (predict(p, obs) - eager).abs().max() < 1e-4
+
+
+def test_act_onnx_equals_eager_for_any_batch(tmp_path):
+    """ACT's predict_action (conv backbone + transformer + normalisation) exported as one graph."""
+    from protege.policies import build_policy
+
+    meta = {"obs/state": {"shape": [5], "kind": "state"}, "obs/top": {"shape": [32, 40, 3], "kind": "image"},
+            "action": {"shape": [4], "kind": "action"}}
+    cfg = compose("train", ["policy=act_small", "policy.hidden_dim=32", "policy.dim_feedforward=64", "policy.n_heads=2",
+                            "policy.n_encoder_layers=1", "policy.n_vae_encoder_layers=1", "policy.chunk_size=6",
+                            "policy.n_action_steps=4", "policy.backbone_channels=[8,8]", "policy.backbone_strides=[2,2]"])
+    torch.manual_seed(0)
+    p = build_policy(cfg.policy, meta)
+    rng = np.random.default_rng(0)
+    p.normalizer.fit({"obs/state": rng.uniform(-3, 3, (100, 5)), "action": rng.uniform(-2, 2, (100, 4))})
+    p.eval()
+    obs = {b: {"obs/state": torch.randn(b, 1, 5), "obs/top": torch.randint(0, 256, (b, 1, 32, 40, 3), dtype=torch.uint8)}
+           for b in (1, 3)}
+    eager = {b: p.predict_action(o) for b, o in obs.items()}
+    assert p.accelerate(tmp_path, "onnx") == "onnx"
+    assert len(list(tmp_path.glob("act-6-onnx-*.onnx"))) == 1
+    for b, o in obs.items():
+        out = p.predict_action(o)
+        assert out.shape == (b, 4, 4)
+        assert (out - eager[b]).abs().max() < 1e-4
+    assert p.accelerate(tmp_path, "eager") == "eager" and p._exported is None

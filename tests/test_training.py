@@ -72,3 +72,17 @@ def test_ddp_with_gloo_on_cpu(tmp_path):
     assert state["step"] == 8 and state["windows"] == 8 * 16 * 2  # position in the shared window stream
     assert len(state["rng"]["torch_ranks"]) == 2  # each rank's own noise stream, restored on resume
     assert not torch.equal(*state["rng"]["torch_ranks"])
+
+
+def test_amp_auto_is_bf16_on_cpus_with_native_bf16(monkeypatch):
+    import torch
+
+    from protege.training import trainer
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    assert trainer.amp_dtype("auto", cpu) == torch.bfloat16
+    assert trainer.amp_dtype("none", cpu) is None
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    assert trainer.amp_dtype("auto", cpu) is None
+    assert trainer.amp_dtype("bf16", cpu) == torch.bfloat16

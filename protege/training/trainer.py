@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,11 +66,24 @@ def ema_weights(policy: Policy, ema: EMAModel | None, params: list[torch.nn.Para
         ema.restore(params)
 
 
+def cpu_has_native_bf16() -> bool:
+    """The CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16 in Linux's /proc/cpuinfo flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """'auto' = bf16 on CUDA when supported, fp16 on older CUDA GPUs, off on CPU; or force 'bf16'/'fp16'/'none'."""
+    """'auto' = bf16 on CUDA when supported, fp16 on older CUDA GPUs, bf16 on CPUs with native bf16
+    (AVX512-BF16/AMX: ACT steps 1.7x faster, held-out loss within the fp32 seed-to-seed spread, see
+    scripts/experiments/amp_cpu.py), else off; or force 'bf16'/'fp16'/'none'."""
     if setting == "none":
         return None
     if setting == "auto":
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_has_native_bf16() else None
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

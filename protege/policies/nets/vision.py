@@ -175,6 +175,7 @@ class ImageAugment(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float() / 255.0
         N, _, H, W = x.shape
+        H, W = int(H), int(W)  # plain ints also while traced for export (image sizes are fixed)
         h, w = self.out_size(H, W)
         if (h, w) != (H, W):
             if self.training:
