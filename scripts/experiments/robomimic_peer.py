@@ -72,6 +72,7 @@ def bc_rnn_config(task: str, dataset: str | Path, output_dir: str | Path, epochs
         config.train.seed = seed
         # no train/valid masks in our demos, and all methods train on every demo
         config.experiment.validate = False
+        config.train.hdf5_validation_filter_key = None  # the paper config names mask/valid; robomimic asserts both agree
         config.experiment.rollout.n = rollouts
         config.experiment.rollout.rate = epochs  # one evaluation, after the last epoch
     return config
@@ -236,13 +237,21 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if methods:
         demos, hdf5, n = prepare_demos(args, work)
+        failed = []
         for m in methods:
-            res = run_bc_rnn(args, work, hdf5, n) if m == "bc_rnn" else run_ours(args, work, demos, n, m)
+            try:
+                res = run_bc_rnn(args, work, hdf5, n) if m == "bc_rnn" else run_ours(args, work, demos, n, m)
+            except RobomimicRunError as e:  # the other methods still run; the exit status reports it
+                print(f"{m} failed: {e}", file=sys.stderr)
+                failed.append(m)
+                continue
             (work / f"{m}.json").write_text(json.dumps({"task": args.task, **res}, indent=2))
     print("\n".join(table(work, args.task)))
     figures = [f"{m}_success={json.loads((work / f'{m}.json').read_text())['success_rate']:.3f}" for m in METHODS
                if (work / f"{m}.json").exists()]
     print(f"task={args.task} " + " ".join(figures))
+    if methods and failed:
+        sys.exit(f"failed: {', '.join(failed)} (see above)")
 
 
 if __name__ == "__main__":
