@@ -31,7 +31,8 @@ def test_bc_rnn_config_is_robomimics_with_only_the_stated_adjustments(peer, tmp_
     # the adjustments
     assert c.train.data == str(tmp_path / "d.hdf5") and c.train.output_dir == str(tmp_path / "out")
     assert c.train.num_epochs == 7 and c.experiment.rollout.n == 3 and c.experiment.rollout.rate == 7
-    assert c.train.seed == 5 and not c.experiment.validate and c.train.hdf5_validation_filter_key is None
+    assert c.train.seed == 5 and not c.experiment.validate and c.train.hdf5_filter_key is None
+    assert c.train.hdf5_validation_filter_key is None
     with pytest.raises(ValueError, match="robomimic_lift"):
         peer.bc_rnn_config("pointmass", "d.hdf5", "out", 1, 1)
 

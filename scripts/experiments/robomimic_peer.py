@@ -72,7 +72,9 @@ def bc_rnn_config(task: str, dataset: str | Path, output_dir: str | Path, epochs
         config.train.seed = seed
         # no train/valid masks in our demos, and all methods train on every demo
         config.experiment.validate = False
-        config.train.hdf5_validation_filter_key = None  # the paper config names mask/valid; robomimic asserts both agree
+        # the paper config reads mask/train and mask/valid when validating; without a split: every demo
+        config.train.hdf5_filter_key = None
+        config.train.hdf5_validation_filter_key = None
         config.experiment.rollout.n = rollouts
         config.experiment.rollout.rate = epochs  # one evaluation, after the last epoch
     return config
