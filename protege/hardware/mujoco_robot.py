@@ -170,7 +170,7 @@ class MujocoRobot(SimulatedTime):
         import mujoco
 
         if self.control != "impedance":
-            mujoco.mj_step(self.model, d, nstep=n)
+            super()._physics_steps(d, n)
             return
         for _ in range(n):
             q, qd = d.qpos[self.qadr], d.qvel[self.dofadr]
