@@ -46,6 +46,18 @@ def test_record_replay_reproduces_demos_and_trains(reach_demos, tmp_path) -> Non
     assert ReplayBuffer.open(out).n_episodes == 21
 
 
+def test_record_refuses_fields_the_robot_does_not_declare(reach_demos, tmp_path) -> None:  # noqa: ANN001
+    from protege.errors import ConfigError
+    from protege.runtime.record import record_from_config
+    from tests.helpers import compose
+
+    cfg = compose("record", ["hardware=mujoco_fast", "teleop=replay", f"teleop.path={reach_demos}",
+                             "state_keys=[ee_pos,no_such_field]", f"out={tmp_path / 'rec.zarr'}"])
+    with pytest.raises(ConfigError, match=r"protege record: .*\['no_such_field'\]"):
+        record_from_config(cfg)
+    assert not (tmp_path / "rec.zarr").exists()  # refused before anything was written
+
+
 @pytest.mark.slow
 def test_recorded_buffer_trains_a_policy(tmp_path) -> None:  # noqa: ANN001
     from protege.runtime.record import record_from_config

@@ -400,9 +400,9 @@ def test_run_refuses_a_checkpoint_observing_fields_the_robot_does_not_declare() 
 
     from protege.errors import ConfigError
     from protege.hardware.base import single_arm_features
-    from protege.runtime.runner import _check_state_fields
+    from protege.runtime.runner import check_state_fields
 
     arm = SimpleNamespace(name="franka", features=single_arm_features(7))
-    _check_state_fields(arm, ["ee_pos", "gripper", "arm"], "franka_reach")  # declared fields and the arm group
+    check_state_fields(arm, ["ee_pos", "gripper", "arm"], "franka_reach")  # declared fields and the arm group
     with pytest.raises(ConfigError, match=r"franka_reach.*\['goal_pos'\].*'franka'"):
-        _check_state_fields(arm, {"obs/state": ["ee_pos", "goal_pos"]}, "franka_reach")
+        check_state_fields(arm, {"obs/state": ["ee_pos", "goal_pos"]}, "franka_reach")

@@ -129,7 +129,7 @@ def record_from_config(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from protege.envs import make_hardware_task
-    from protege.runtime.runner import build_robot
+    from protege.runtime.runner import build_robot, check_state_fields
     from protege.runtime.teleop import make_teleop
 
     if not cfg.get("out"):
@@ -145,6 +145,11 @@ def record_from_config(cfg: Any) -> dict[str, Any]:
     rate = float(cfg.get("rate_hz") or fps or 10.0)
     robot = build_robot(cfg.hardware, list(env.get("cameras", [])), env.get("image_size", 96),
                         getattr(task, "robot_options", None))
+    try:
+        check_state_fields(robot, state_keys, cfg.task.name if task is not None else None, "record")
+    except ConfigError:
+        robot.close()
+        raise
     device = make_teleop(OmegaConf.to_container(cfg.teleop, resolve=True))
     if hasattr(device, "dt"):
         device.dt = 1.0 / rate

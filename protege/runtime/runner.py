@@ -56,18 +56,19 @@ def settings_from_config(runner_cfg: Any, env: dict[str, Any], fps: float) -> Ru
     return s
 
 
-def _check_state_fields(robot: Any, state_keys: list[str] | dict[str, list[str]], task_name: str) -> None:
-    """Fail before the robot moves when the policy observes a field this robot does not declare (a sim
-    task's `goal_pos` on a real arm), instead of a KeyError on the first tick."""
+def check_state_fields(robot: Any, state_keys: list[str] | dict[str, list[str]], task_name: str | None,
+                       command: str = "run") -> None:
+    """Fail before the robot moves when the policy observes (or a recording would store) a field this robot
+    does not declare (a sim task's `goal_pos` on a real arm), instead of a KeyError on the first tick."""
     features = getattr(robot, "features", None)
     if features is None:
         return
     names = [n for group in state_keys.values() for n in group] if isinstance(state_keys, dict) else list(state_keys)
     missing = [n for n in names if n not in features.state and features.group(n) is None]
     if missing:
-        raise ConfigError(f"protege run: task {task_name!r} observes {missing}, which robot {robot.name!r} does not provide "
-                          f"(it declares {sorted(features.state)}); a checkpoint trained on simulator-only fields cannot "
-                          "run on this robot: train on robot fields (runner.state_keys=[...] names what the policy observes)")
+        raise ConfigError(f"protege {command}: task {task_name!r} observes {missing}, which robot {robot.name!r} does not "
+                          f"provide (it declares {sorted(features.state)}); simulator-only fields do not exist on this "
+                          "robot: use robot fields (state_keys=[...] names what is observed)")
 
 
 def run_checkpoint(cfg: Any) -> dict[str, Any]:
@@ -96,7 +97,7 @@ def run_checkpoint(cfg: Any) -> dict[str, Any]:
         from datetime import datetime
 
         settings.out_dir = str(Path("runs") / f"run-{robot.name}-{datetime.now():%Y%m%d-%H%M%S}")
-    _check_state_fields(robot, state_keys, train_cfg.task.name)
+    check_state_fields(robot, state_keys, train_cfg.task.name)
     action_space = env.get("action_space") or getattr(task, "action_space", "ee_delta")
     runner = Runner(policy, robot, action_space, state_keys, cameras, task, settings,
                     device=cfg.device, provenance={"checkpoint": str(ckpt_dir)})
