@@ -6,7 +6,7 @@ low-dim keys with the one trainer, and evaluates `--episodes` episodes (seeds 10
 own success check. One task per process, so two tasks can run side by side on a 2-core machine:
 
     python scripts/experiments/robomimic_dp.py --task robomimic_lift --steps 3000
-    python scripts/experiments/robomimic_dp.py --task robomimic_can --steps 5000
+    python scripts/experiments/robomimic_dp.py --task robomimic_can --demos 61 --steps 20000 --episodes 50  # 0.86 measured
 Prints a markdown table row and a last line of key=value figures; writes <work>/<task>/results.json.
 """
 
