@@ -41,6 +41,7 @@ from protege.datasets.sampler import SequenceSampler, split_episodes, to_torch
 from protege.errors import ConfigError
 from protege.policies.base import Policy, build_policy, shape_meta_from_buffer
 from protege.training import checkpoint as ckpt
+from protege.training.ema import LerpEMA
 from protege.training.preemption import StopSignal, agree_on_stop
 
 
@@ -88,6 +89,13 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
+def fused_adamw(device: torch.device) -> dict[str, bool]:
+    """AdamW keyword for `device`: fused (one kernel over all tensors) where torch has it. The same
+    update as the default per-tensor loop, which on CPU runs ~6 ops per tensor: 136 -> 24 ms per step
+    for Diffusion Policy's 17M-parameter U-Net (LeRobot keeps the loop)."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
 
 
 def dataset_path(cfg: DictConfig) -> Path | str:
@@ -170,11 +178,12 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int, stop: StopSig
                             for eps in (train_eps, val_eps))
 
     tcfg = cfg.train
-    optimizer = torch.optim.AdamW(policy.optim_groups(tcfg.lr), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+    optimizer = torch.optim.AdamW(policy.optim_groups(tcfg.lr), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
+                                  **fused_adamw(device))
     lr_scheduler = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=tcfg.steps)
     # EMA over trainable parameters only: a frozen (e.g. pretrained VLM) backbone is not copied
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    ema = EMAModel(trainable, decay=tcfg.ema.max_decay, use_ema_warmup=True, power=tcfg.ema.power) if tcfg.ema.enabled else None
+    ema = LerpEMA(trainable, decay=tcfg.ema.max_decay, use_ema_warmup=True, power=tcfg.ema.power) if tcfg.ema.enabled else None
     dtype = amp_dtype(tcfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from protege.policies.nets.conv1d import GemmGradConv1d
+
 
 class SinusoidalPosEmb(nn.Module):
     def __init__(self, dim: int) -> None:
@@ -26,7 +28,11 @@ class SinusoidalPosEmb(nn.Module):
 
 
 def conv_block(c_in: int, c_out: int, kernel_size: int, n_groups: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2), nn.GroupNorm(n_groups, c_out), nn.Mish())
+    """Conv -> GroupNorm -> Mish. The convolution computes its CPU weight gradient as a GEMM (`conv1d.py`):
+    the U-Net's fwd+bwd 1.2x faster under bf16 autocast on CPU. Only these k>1 stride-1 convolutions:
+    oneDNN's 1x1 and strided kernels measured faster than the GEMM."""
+    conv = GemmGradConv1d(c_in, c_out, kernel_size, padding=kernel_size // 2)
+    return nn.Sequential(conv, nn.GroupNorm(n_groups, c_out), nn.Mish())
 
 
 class CondResBlock1d(nn.Module):
