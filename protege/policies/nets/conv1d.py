@@ -5,9 +5,9 @@ Why: in Diffusion Policy's U-Net the sequences are short (horizon 16 -> 8 -> 4) 
 wide (up to 1024 in). oneDNN runs the bf16 weight gradient of such a convolution with its direct
 `avx512_core_bf16` kernel at ~1/5 of the forward's speed (512->512 channels, width 4, batch 64:
 ~14 ms vs ~1.3 ms forward, `ONEDNN_VERBOSE=1`), so it took half of a training step. The same
-gradient as dW = dY · cols(X)ᵀ is a (C_out x B·T) @ (B·T x C_in·k) GEMM, which oneDNN runs with
-AMX. Forward and the input gradient stay oneDNN convolutions; parameters, state dict, export and
-inference are those of `nn.Conv1d` (the GEMM path only runs when a weight gradient is recorded on CPU).
+gradient as dW = dY · cols(X)ᵀ is one (C_out x B·T) @ (B·T x C_in·k) matrix product, which the
+CPU's bf16 GEMM kernels run far faster. Forward and the input gradient stay oneDNN convolutions;
+parameters, state dict, export and inference are those of `nn.Conv1d` (the GEMM path only runs when a weight gradient is recorded on CPU).
 """
 
 from __future__ import annotations
