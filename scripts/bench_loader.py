@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from protege.datasets.loader import WindowIndexStream, batch_iterator, decoded_nbytes, load_buffer
+from protege.datasets.loader import WORKER_STARTS, WindowIndexStream, batch_iterator, decoded_nbytes, load_buffer
 from protege.datasets.replay_buffer import ReplayBuffer
 from protege.datasets.sampler import SequenceSampler
 
@@ -78,6 +78,7 @@ class PeakRSS:
 
     def __init__(self, interval: float = 0.1, pss_every: int = 10) -> None:
         self.peak, self.peak_pss, self.interval, self.pss_every = 0, 0, interval, pss_every
+        self.peak_main = self.peak_children = 0  # where the memory goes: this process / its descendants
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -85,14 +86,17 @@ class PeakRSS:
         """Summed RSS; with `pss`, also the summed proportional set size (shared pages split
         between the processes sharing them: the tree's real footprint; reads smaps, slower)."""
         me = psutil.Process()
-        rss = pss_total = 0
-        for p in [me, *me.children(recursive=True)]:
+        main = me.memory_info().rss
+        rss, pss_total = main, me.memory_full_info().pss if pss else 0
+        for p in me.children(recursive=True):
             try:
                 rss += p.memory_info().rss
                 pss_total += p.memory_full_info().pss if pss else 0
             except psutil.NoSuchProcess:
                 pass
         self.peak = max(self.peak, rss)
+        self.peak_main = max(self.peak_main, main)
+        self.peak_children = max(self.peak_children, rss - main)
         self.peak_pss = max(self.peak_pss, pss_total)
 
     def _run(self) -> None:
@@ -111,17 +115,19 @@ class PeakRSS:
 
 
 def time_loader(path: Path, keys: list[str], n_obs_steps: int, horizon: int, batch: int, workers: int,
-                seconds: float) -> dict[str, float]:
+                seconds: float, worker_start: str) -> dict[str, float]:
     buffer, _ = load_buffer(path, keys, in_memory=False)
     sampler = SequenceSampler(buffer, [k for k in keys if k != "action"], n_obs_steps, horizon)
-    it = batch_iterator(sampler, WindowIndexStream(len(sampler), batch, seed=0), streaming=True, num_workers=workers)
-    next(it)  # worker start-up is not throughput
+    t_start = time.perf_counter()
+    it = batch_iterator(sampler, WindowIndexStream(len(sampler), batch, seed=0), streaming=True, num_workers=workers,
+                        worker_start=worker_start)
+    next(it)  # worker start-up is not throughput (reported apart)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         n += len(next(it)["action"])
     elapsed = time.perf_counter() - t0
     del it
-    return {"windows": n, "seconds": elapsed, "windows_per_s": n / elapsed}
+    return {"windows": n, "seconds": elapsed, "windows_per_s": n / elapsed, "first_batch_s": t0 - t_start}
 
 
 def main() -> None:
@@ -133,6 +139,8 @@ def main() -> None:
     ap.add_argument("--size", default="240x320")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--worker-start", default="forkserver", choices=WORKER_STARTS,
+                    help="how the DataLoader workers start (train.data.worker_start)")
     ap.add_argument("--loader-seconds", type=float, default=45)
     ap.add_argument("--train-steps", type=int, default=20)
     ap.add_argument("--skip-steps", type=int, default=3, help="first steps left out of the wait fraction (start-up)")
@@ -162,14 +170,16 @@ def main() -> None:
     cfg = compose("train", ["task=aloha_transfer_cube", "policy=act_small", f"dataset={args.data}",
                             f"task.obs_keys=[obs/state,{','.join(cams)}]", f"train.batch_size={args.batch}",
                             f"train.steps={args.train_steps}", "train.data.in_memory=false",
-                            f"train.data.num_workers={args.workers}", "eval.n_episodes=0", "train.val_ratio=0",
+                            f"train.data.num_workers={args.workers}", f"train.data.worker_start={args.worker_start}",
+                            "eval.n_episodes=0", "train.val_ratio=0",
                             "train.ckpt_every=0", "train.log_every=10", *args.overrides])
     with open_dict(cfg):
         cfg.run_dir = str(args.out.parent / "bench_run")
     with PeakRSS() as rss:
         loader = time_loader(args.data, keys, cfg.policy.get("n_obs_steps", 1), cfg.policy.chunk_size, args.batch,
-                             args.workers, args.loader_seconds)
-        print(f"loader alone: {loader['windows_per_s']:.0f} windows/s ({args.workers} workers, batch {args.batch})", flush=True)
+                             args.workers, args.loader_seconds, args.worker_start)
+        print(f"loader alone: {loader['windows_per_s']:.0f} windows/s ({args.workers} {args.worker_start} workers, batch "
+              f"{args.batch}; first batch after {loader['first_batch_s']:.1f} s)", flush=True)
         result = train(cfg, progress=False)
     wait, step = result["data_wait_s"][args.skip_steps:], result["step_s"][args.skip_steps:]
     wait_frac = sum(wait) / sum(step)
@@ -177,14 +187,17 @@ def main() -> None:
         "dataset": str(args.data), "episodes": buf.n_episodes, "steps": buf.n_steps, "cameras": args.cameras,
         "frame_size": list(size), "decoded_gb": decoded_gb, "disk_gb": disk_gb,
         "image_storage": buf.attrs.get("image_storage", "raw (Blosc/zstd)"), "workers": args.workers,
+        "worker_start": args.worker_start,
         "batch": args.batch, "loader": loader, "train_steps": len(result["step_s"]),
         "step_s_median": float(np.median(step)), "data_wait_s_median": float(np.median(wait)),
         "data_wait_frac": wait_frac, "peak_rss_gb": rss.peak / 2**30, "peak_pss_gb": rss.peak_pss / 2**30,
+        "peak_rss_main_gb": rss.peak_main / 2**30, "peak_rss_children_gb": rss.peak_children / 2**30,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     print(f"act_small step {out['step_s_median'] * 1e3:.0f} ms median, waiting for data {out['data_wait_s_median'] * 1e3:.1f} ms "
-          f"median; peak summed RSS {out['peak_rss_gb']:.2f} GB, PSS {out['peak_pss_gb']:.2f} GB")
+          f"median; peak summed RSS {out['peak_rss_gb']:.2f} GB, PSS {out['peak_pss_gb']:.2f} GB (peaks apart: "
+          f"training process {out['peak_rss_main_gb']:.2f} GB, its children {out['peak_rss_children_gb']:.2f} GB)")
     print(f"rss_gb={out['peak_rss_gb']:.2f} loader_windows_per_s={loader['windows_per_s']:.0f} data_wait_frac={wait_frac:.4f}")
 
 

@@ -1,5 +1,9 @@
 """The training data path: the window index stream (resume, ranks) and the streaming loader."""
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -52,12 +56,18 @@ def test_memory_budget_decides(tmp_path, rng):
     assert not isinstance(streamed.data["obs/cam"], np.ndarray)  # images stay in the store
 
 
-@pytest.mark.parametrize("url", ["file", "memory"])
-def test_streaming_batches_equal_in_memory_batches_for_any_worker_count(tmp_path, rng, url):
+def image_store(tmp_path, rng, url: str = "file") -> str:
     store = f"memory://loader-test-{rng.integers(1 << 30)}.zarr" if url == "memory" else f"file://{tmp_path}/b.zarr"
     buf = ReplayBuffer.create(store, fps=10)
     for length in (30, 7, 45):
         buf.append_episode(make_episode(rng, length, image=True))
+    return store
+
+
+# file: workers started by forkserver (the default) or fork; memory:// stores always fork
+@pytest.mark.parametrize(("url", "start"), [("file", "forkserver"), ("file", "fork"), ("memory", "forkserver")])
+def test_streaming_batches_equal_in_memory_batches_for_any_worker_count(tmp_path, rng, url, start):
+    store = image_store(tmp_path, rng, url)
     keys = ["obs/state", "obs/cam", "action"]
     mem, _ = load_buffer(store, keys, in_memory=True)
     disk, in_memory = load_buffer(store, keys, in_memory=False)
@@ -68,13 +78,39 @@ def test_streaming_batches_equal_in_memory_batches_for_any_worker_count(tmp_path
         for source, streaming in ((mem, False), (disk, True)):
             sampler = SequenceSampler(source, ["obs/state", "obs/cam"], n_obs_steps=2, horizon=8)
             stream = WindowIndexStream(len(sampler), 16, seed=0, position=32)
-            it = batch_iterator(sampler, stream, streaming=streaming, num_workers=workers, prefetch_factor=2)
+            it = batch_iterator(sampler, stream, streaming=streaming, num_workers=workers, prefetch_factor=2,
+                                worker_start=start)
             batches.append([next(it) for _ in range(6)])
         expected = expected or batches[0]
         for got in batches:
             for a, b in zip(expected, got):
                 assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert expected[0]["obs/cam"].shape == (16, 2, 8, 8, 3)
+
+
+def test_workers_ignore_stop_signals_and_the_start_method_is_checked(tmp_path, rng):
+    """Ctrl-C / SIGTERM reach the whole process group; the training process handles them (finishes
+    the step, checkpoints), so a forkserver-started worker must survive them and keep serving."""
+    store = image_store(tmp_path, rng)
+    disk, _ = load_buffer(store, ["obs/state", "obs/cam", "action"], in_memory=False)
+    sampler = SequenceSampler(disk, ["obs/state", "obs/cam"], n_obs_steps=1, horizon=4)
+    it = batch_iterator(sampler, WindowIndexStream(len(sampler), 4, seed=0), streaming=True, num_workers=1,
+                        prefetch_factor=1)
+    next(it)
+    (worker,) = it._workers  # torch's worker processes (private; no public handle)
+    assert worker._start_method == "forkserver"  # the default
+    for s in (signal.SIGINT, signal.SIGTERM):
+        os.kill(worker.pid, s)
+    time.sleep(0.5)
+    expected = [sampler.gather(WindowIndexStream(len(sampler), 4, seed=0).indices_at(4 * k)) for k in (1, 2, 3)]
+    for want in expected:
+        got = next(it)
+        assert all(np.array_equal(got[k].numpy(), v) for k, v in want.items())
+    assert worker.is_alive()
+    del it
+    with pytest.raises(ConfigError, match="train.data.worker_start"):
+        batch_iterator(sampler, WindowIndexStream(len(sampler), 4, seed=0), streaming=True, num_workers=1,
+                       worker_start="thread")
 
 
 IMAGE_BC = ["task=pointmass_image", "policy=idm_bc", "policy.obs_encoder.freeze=false", "policy.obs_encoder.conv_channels=[8]",

@@ -12,11 +12,17 @@ Batches then come either from an in-memory copy of the buffer (`ReplayBuffer.loa
 the training process: fastest while it fits) or, when it does not fit `train.data.memory_budget_gb`,
 from the store itself: a torch DataLoader whose worker processes read and decode whole batches of
 windows (`WindowDataset.__getitems__`) straight from zarr while the training step runs.
+
+The workers start by `forkserver` (`train.data.worker_start`): forked from a small server process
+instead of the training process, they do not inherit its pages (model, optimizer state, modules
+the trainer imported), which summed RSS would count once more per worker, and starting them stays
+safe once CUDA is initialised. The dataset reaches them pickled (zarr arrays reopen their store).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -125,18 +131,40 @@ def load_buffer(path: Any, keys: list[str], in_memory: Any = "auto", budget_gb: 
     return open_streaming(path, keys), False
 
 
+WORKER_STARTS = ("forkserver", "spawn", "fork")
+
+
+def worker_context(start: str, store_path: str) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context of the DataLoader workers (`train.data.worker_start`)."""
+    if start not in WORKER_STARTS:
+        raise ConfigError(f"train.data.worker_start: expected one of {list(WORKER_STARTS)}, found {start!r}")
+    if store_path.startswith("memory://"):
+        # fsspec's memory filesystem lives in this process: only forked workers see its files
+        start = "fork"
+    return multiprocessing.get_context(start)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Worker init: Ctrl-C / SIGTERM sent to the whole process group are the training process's to
+    handle (finish the step, checkpoint; see preemption.py). A worker that died of them would fail
+    that last step; forked workers get the same from the trainer's inherited handler."""
+    for s in (signal.SIGINT, signal.SIGTERM):  # preemption.SIGNALS (datasets does not import training)
+        signal.signal(s, signal.SIG_IGN)
+
+
 def batch_iterator(sampler: SequenceSampler, stream: WindowIndexStream, streaming: bool, num_workers: int = 2,
-                   prefetch_factor: int = 4, pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                   prefetch_factor: int = 4, pin_memory: bool = False,
+                   worker_start: str = "forkserver") -> Iterator[dict[str, torch.Tensor]]:
     """Batches in the order of `stream`. In memory: gathered here. Streaming: a DataLoader whose
     workers gather (read + decode) whole batches; it returns them in sampler order, so the batch
-    sequence does not depend on `num_workers`."""
+    sequence does not depend on `num_workers`. `worker_start`: see the module docstring."""
     if not streaming:
         return (to_torch(sampler.gather(idx)) for idx in stream)
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        # fork: workers inherit the open store (an fsspec memory:// store too) without pickling it
-        kwargs = dict(persistent_workers=True, prefetch_factor=prefetch_factor,
-                      multiprocessing_context=multiprocessing.get_context("fork"))
+        context = worker_context(worker_start, sampler.buffer.path)
+        kwargs = dict(persistent_workers=True, prefetch_factor=prefetch_factor, multiprocessing_context=context,
+                      worker_init_fn=None if context.get_start_method() == "fork" else _ignore_stop_signals)
     loader = torch.utils.data.DataLoader(WindowDataset(sampler), batch_sampler=stream, num_workers=num_workers,
                                          collate_fn=WindowDataset.collate, pin_memory=pin_memory, **kwargs)
     return iter(loader)

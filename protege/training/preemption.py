@@ -36,7 +36,7 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._pid:
-            # a forked DataLoader worker (Ctrl-C reaches the whole process group): the training
+            # a forked DataLoader worker (worker_start=fork; Ctrl-C reaches the whole process group): the training
             # process decides, and torch stops its workers when it exits
             return
         if self.signum:  # the second signal: leave now, without a checkpoint

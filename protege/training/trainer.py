@@ -130,7 +130,8 @@ def train(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     own_group = world > 1 and not torch.distributed.is_initialized()
     if own_group:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    # SIGINT/SIGTERM handlers from here on; installed before the DataLoader forks its workers
+    # SIGINT/SIGTERM handlers from here on; installed before the DataLoader starts its workers (forked
+    # ones inherit them; forkserver/spawn ones ignore both signals: loader._ignore_stop_signals)
     stop = StopSignal()
     try:
         return _train(cfg, progress, rank, world, stop)
@@ -238,7 +239,8 @@ def _train(cfg: DictConfig, progress: bool, rank: int, world: int, stop: StopSig
 
     stream = WindowIndexStream(len(sampler), tcfg.batch_size, cfg.seed, rank, world, position)
     batches = batch_iterator(sampler, stream, streaming=not in_memory, num_workers=dcfg.num_workers,
-                             prefetch_factor=dcfg.prefetch_factor, pin_memory=device.type == "cuda")
+                             prefetch_factor=dcfg.prefetch_factor, pin_memory=device.type == "cuda",
+                             worker_start=dcfg.worker_start)
     if is_main and not in_memory:
         print(f"streaming windows from {path} ({dcfg.num_workers} workers): the decoded buffer exceeds "
               f"train.data.memory_budget_gb={dcfg.memory_budget_gb}" if dcfg.in_memory == "auto" else
