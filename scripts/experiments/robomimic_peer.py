@@ -123,6 +123,10 @@ def _robomimic_train_entry(config_path: str) -> None:
       on a shared 2-core machine (one slot per job, OMP_NUM_THREADS=1) would oversubscribe the cores."""
     import runpy
 
+    # triton (reached through torchvision.ops, which robomimic imports) must load before mujoco: with
+    # MUJOCO_GL=osmesa the reverse order segfaults here (triton's and OSMesa's LLVMs in one process)
+    import torchvision.ops  # noqa: F401
+
     from protege.envs.robomimic import _env_utils
 
     _env_utils()
