@@ -145,18 +145,15 @@ def record_from_config(cfg: Any) -> dict[str, Any]:
     rate = float(cfg.get("rate_hz") or fps or 10.0)
     robot = build_robot(cfg.hardware, list(env.get("cameras", [])), env.get("image_size", 96),
                         getattr(task, "robot_options", None))
-    try:
+    try:  # the robot is closed whatever fails from here on (a refused field, a missing teleop device)
         check_state_fields(robot, state_keys, cfg.task.name if task is not None else None, "record")
-    except ConfigError:
-        robot.close()
-        raise
-    device = make_teleop(OmegaConf.to_container(cfg.teleop, resolve=True))
-    if hasattr(device, "dt"):
-        device.dt = 1.0 / rate
-    rec = TeleopRecorder(robot, device, cfg.out, rate, state_keys, task, cfg.get("action_space") or env.get("action_space"),
-                         cfg.get("n_episodes"), int(cfg.get("seed", 0)), cfg.get("max_steps") or env.get("max_episode_steps"),
-                         cfg.get("instruction") or env.get("instruction"))
-    try:
+        device = make_teleop(OmegaConf.to_container(cfg.teleop, resolve=True))
+        if hasattr(device, "dt"):
+            device.dt = 1.0 / rate
+        rec = TeleopRecorder(robot, device, cfg.out, rate, state_keys, task,
+                             cfg.get("action_space") or env.get("action_space"), cfg.get("n_episodes"),
+                             int(cfg.get("seed", 0)), cfg.get("max_steps") or env.get("max_episode_steps"),
+                             cfg.get("instruction") or env.get("instruction"))
         return rec.run()
     finally:
         robot.close()

@@ -97,11 +97,11 @@ def run_checkpoint(cfg: Any) -> dict[str, Any]:
         from datetime import datetime
 
         settings.out_dir = str(Path("runs") / f"run-{robot.name}-{datetime.now():%Y%m%d-%H%M%S}")
-    check_state_fields(robot, state_keys, train_cfg.task.name)
-    action_space = env.get("action_space") or getattr(task, "action_space", "ee_delta")
-    runner = Runner(policy, robot, action_space, state_keys, cameras, task, settings,
-                    device=cfg.device, provenance={"checkpoint": str(ckpt_dir)})
-    try:
+    try:  # the robot is closed whatever fails from here on (a refused field included)
+        check_state_fields(robot, state_keys, train_cfg.task.name)
+        action_space = env.get("action_space") or getattr(task, "action_space", "ee_delta")
+        runner = Runner(policy, robot, action_space, state_keys, cameras, task, settings,
+                        device=cfg.device, provenance={"checkpoint": str(ckpt_dir)})
         return runner.run()
     finally:
         robot.close()

@@ -7,7 +7,8 @@ wide (up to 1024 in). oneDNN runs the bf16 weight gradient of such a convolution
 ~14 ms vs ~1.3 ms forward, `ONEDNN_VERBOSE=1`), so it took half of a training step. The same
 gradient as dW = dY · cols(X)ᵀ is one (C_out x B·T) @ (B·T x C_in·k) matrix product, which the
 CPU's bf16 GEMM kernels run far faster. Forward and the input gradient stay oneDNN convolutions;
-parameters, state dict, export and inference are those of `nn.Conv1d` (the GEMM path only runs when a weight gradient is recorded on CPU).
+parameters, state dict, export and inference are those of `nn.Conv1d` (the GEMM path only runs when
+a weight gradient is recorded on CPU).
 """
 
 from __future__ import annotations
