@@ -37,6 +37,30 @@ def test_bc_rnn_config_is_robomimics_with_only_the_stated_adjustments(peer, tmp_
         peer.bc_rnn_config("pointmass", "d.hdf5", "out", 1, 1)
 
 
+def test_no_gmm_config_differs_only_in_the_gmm_and_builds_robomimics_plain_bc_rnn(peer, tmp_path):
+    """--no-gmm: the one declared deviation. Every other value equals the "ph" config, and robomimic's own
+    algo factory then picks its deterministic BC_RNN (L2 loss) instead of BC_RNN_GMM."""
+    pytest.importorskip("robomimic", reason="robomimic is installed by scripts/setup.sh")
+    from robomimic.algo.algo import REGISTERED_ALGO_FACTORY_FUNCS
+    from robomimic.algo.bc import BC_RNN, BC_RNN_GMM
+
+    algo_config_to_class = REGISTERED_ALGO_FACTORY_FUNCS["bc"]  # what robomimic's algo_factory calls
+
+    args = ("robomimic_lift", tmp_path / "d.hdf5", tmp_path / "out")
+    ph = peer.bc_rnn_config(*args, epochs=3, rollouts=2).to_dict()
+    off = peer.bc_rnn_config(*args, epochs=3, rollouts=2, gmm=False).to_dict()
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    diff = {k for (k, v), (k2, v2) in zip(flat(ph), flat(off), strict=True) if (k, v) != (k2, v2)}
+    assert diff == {"algo.gmm.enabled"}
+    c = peer.bc_rnn_config(*args, epochs=3, rollouts=2, gmm=False)
+    assert algo_config_to_class(c.algo)[0] is BC_RNN and c.algo.loss.l2_weight == 1.0
+    assert algo_config_to_class(peer.bc_rnn_config(*args, epochs=3, rollouts=2).algo)[0] is BC_RNN_GMM
+
+
 def _robomimic_stdout(epochs, rollout=None, tail="finished run successfully!"):
     """Text in the shape robomimic's train.py prints (json.dumps(..., indent=4) blocks), with tqdm noise."""
     out = ["============= New Training Run with Config =============", "{\n    \"algo_name\": \"bc\"\n}"]
