@@ -47,18 +47,17 @@ def test_no_gmm_config_differs_only_in_the_gmm_and_builds_robomimics_plain_bc_rn
     algo_config_to_class = REGISTERED_ALGO_FACTORY_FUNCS["bc"]  # what robomimic's algo_factory calls
 
     args = ("robomimic_lift", tmp_path / "d.hdf5", tmp_path / "out")
-    ph = peer.bc_rnn_config(*args, epochs=3, rollouts=2).to_dict()
-    off = peer.bc_rnn_config(*args, epochs=3, rollouts=2, gmm=False).to_dict()
+    ph = peer.bc_rnn_config(*args, epochs=3, rollouts=2)
+    off = peer.bc_rnn_config(*args, epochs=3, rollouts=2, gmm=False)
 
     def flat(d, prefix=""):
         for k, v in d.items():
             yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
 
-    diff = {k for (k, v), (k2, v2) in zip(flat(ph), flat(off), strict=True) if (k, v) != (k2, v2)}
+    diff = {k for (k, v), (k2, v2) in zip(flat(ph.to_dict()), flat(off.to_dict()), strict=True) if (k, v) != (k2, v2)}
     assert diff == {"algo.gmm.enabled"}
-    c = peer.bc_rnn_config(*args, epochs=3, rollouts=2, gmm=False)
-    assert algo_config_to_class(c.algo)[0] is BC_RNN and c.algo.loss.l2_weight == 1.0
-    assert algo_config_to_class(peer.bc_rnn_config(*args, epochs=3, rollouts=2).algo)[0] is BC_RNN_GMM
+    assert algo_config_to_class(off.algo)[0] is BC_RNN and off.algo.loss.l2_weight == 1.0
+    assert algo_config_to_class(ph.algo)[0] is BC_RNN_GMM
 
 
 def _robomimic_stdout(epochs, rollout=None, tail="finished run successfully!"):
