@@ -203,6 +203,14 @@ class JerkLimitedInterpolator:
             if not ok:
                 inp.target_velocity, inp.minimum_duration = np.zeros(self.n), None
                 ok = self._plan()
+            if not ok:
+                # no position plan exists this cycle (seen on franky-sim under a policy; likely FR3's
+                # position-dependent velocity bound below the current velocity): brake on the velocity
+                # interface, which needs only the acceleration and jerk bounds; the next cycle plans
+                # toward the target again
+                inp.control_interface = ControlInterface.Velocity
+                inp.target_velocity, inp.target_acceleration = np.zeros(self.n), np.zeros(self.n)
+                ok = self._plan()
             inp.max_acceleration = (self.scale * L.acceleration).tolist()
             if not ok:
                 raise RuntimeError(f"ruckig: no trajectory from q={self.q}, v={self.v}, a={self.a} to {self._goal}")
