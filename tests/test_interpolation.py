@@ -182,3 +182,35 @@ def test_fr3_limits_are_the_datasheets() -> None:
     assert np.all(hi <= 0.06) and np.all(lo < -0.5)
     lo, hi = lim.velocity_bounds((fr3["upper"] + fr3["lower"]) / 2)
     np.testing.assert_allclose(hi, fr3["velocity"])
+
+
+def test_no_position_plan_brakes_on_the_velocity_interface(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When Ruckig finds no position plan in a cycle (all retries fail), the arm brakes smoothly on the
+    velocity interface instead of raising, and plans toward the target again once it can."""
+    from ruckig import ControlInterface
+
+    limits = JointLimits.from_spec(FRANKA_SPECS["fr3"])
+    interp = JerkLimitedInterpolator(limits, MID["fr3"])
+    interp.set_target(MID["fr3"] + 0.5, 0.0)
+    plan = interp._plan
+    failing = {"on": False}
+
+    def position_fails() -> bool:
+        if failing["on"] and interp._inp.control_interface == ControlInterface.Position:
+            return False
+        return plan()
+
+    monkeypatch.setattr(interp, "_plan", position_fails)
+    qs = [interp.q.copy()]
+    for k in range(1, 3001):
+        failing["on"] = 300 <= k < 800  # cruising at k=300: 500 ms without a position plan
+        if k % 100 == 0:  # the policy keeps sending the target (else it would go stale and hold)
+            interp.set_target(MID["fr3"] + 0.5, k * DT)
+        qs.append(interp.step(k * DT))
+        if k == 799:
+            speed_before_recovery = np.abs(interp.v).max()
+    q = np.array(qs)
+    assert_within("fr3", q)
+    assert interp.counts["planner_retries"] == 500
+    assert speed_before_recovery < 1e-3  # braked to rest meanwhile
+    np.testing.assert_allclose(q[-1], MID["fr3"] + 0.5, atol=1e-6)  # then reached the target
