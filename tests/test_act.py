@@ -1,5 +1,7 @@
 """ACT: temporal ensembling by hand, CVAE behaviour, overfitting real windows, learning, env checks."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -172,3 +174,30 @@ def test_last_cvae_layer_computes_only_the_cls_token():
     first = layer(x, pos, pad_mask=pad, n_out=1)
     assert first.shape == (3, 1, 32)
     torch.testing.assert_close(first, full[:, :1], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_matches_torch_multihead_attention_and_runs_fp32_under_bf16():
+    """ACT's Attention has nn.MultiheadAttention's parameters and outputs (padding mask included); under
+    CPU bf16 autocast its softmax(QK^T)V runs in fp32 (torch's bf16 CPU flash attention is several times
+    slower), and the result stays within bf16 rounding of the fp32 one."""
+    from protege.policies.act import Attention
+
+    torch.manual_seed(0)
+    ours, ref = Attention(32, 4).eval(), torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    ours.load_state_dict(ref.state_dict())  # same names: checkpoints written with either load
+    q, kv = torch.randn(3, 5, 32), torch.randn(3, 9, 32)
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    expected = ref(q, kv, kv, key_padding_mask=pad, need_weights=False)[0]
+    torch.testing.assert_close(ours(q, kv, kv, pad), expected, rtol=1e-5, atol=1e-5)
+    seen = []
+    hook = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(args[0].dtype)
+        return hook(*args, **kwargs)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), mock.patch("torch.nn.functional.scaled_dot_product_attention", spy):
+        low = ours(q, kv, kv, pad)
+    assert seen == [torch.float32] and low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protege.errors import ConfigError
 from protege.policies.base import Policy, ShapeMeta
 from protege.policies.export import ExportedFunction, export_function
 from protege.policies.nets.vision import ImageAugment, build_trunk, resolve_backbone_norm
@@ -69,14 +70,49 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor) ->
     return ((pred - target).abs() * valid).sum() / (valid.sum() * pred.shape[-1]).clamp(min=1)
 
 
+class Attention(nn.Module):
+    """Multi-head attention with nn.MultiheadAttention's parameters and initialisation (checkpoints load
+    either way), whose softmax(QK^T)V runs in fp32 on a CPU under bf16 autocast while the projections stay
+    bf16: torch's bf16 CPU flash-attention kernel (forward + backward) measured 6-9x slower than its fp32
+    one at head dims 8-16 and 1.4x at 32 (torch 2.14, one thread), which made bf16 autocast 2.4x SLOWER
+    than fp32 for a small ACT. nn.MultiheadAttention gives no way in between projection and attention."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % n_heads:
+            raise ConfigError(f"act: hidden_dim {dim} must be divisible by n_heads {n_heads}")
+        self.n_heads, self.dropout = n_heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, dim) queries attend to (B, S, dim) keys/values; `key_padding_mask` (B, S): True = ignore."""
+        w, b = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
+        q, k, v = (F.linear(x, w[i], b[i]).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
+                   for i, x in enumerate((query, key, value)))
+        mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        dropout = self.dropout if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout)
+            out = out.to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
 class TransformerLayer(nn.Module):
     """Post-norm DETR layer: position embeddings are added to queries and keys in every layer
     (torch's nn.Transformer*Layer adds nothing, hence this small layer)."""
 
     def __init__(self, dim: int, n_heads: int, ff: int, dropout: float, cross: bool = False) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, n_heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(dim, n_heads, dropout=dropout, batch_first=True) if cross else None
+        self.self_attn = Attention(dim, n_heads, dropout)
+        self.cross_attn = Attention(dim, n_heads, dropout) if cross else None
         self.ff = nn.Sequential(nn.Linear(dim, ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff, dim))
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3 if cross else 2))
         self.drop = nn.Dropout(dropout)
@@ -91,9 +127,9 @@ class TransformerLayer(nn.Module):
         if n_out is not None:
             assert self.cross_attn is None, "n_out is for self-attention layers"
             x, queries = x[:, :n_out], q[:, :n_out]
-        x = self.norms[0](x + self.drop(self.self_attn(queries, q, values, key_padding_mask=pad_mask, need_weights=False)[0]))
+        x = self.norms[0](x + self.drop(self.self_attn(queries, q, values, pad_mask)))
         if self.cross_attn is not None:
-            attn = self.cross_attn(x + pos, memory + memory_pos, memory, need_weights=False)[0]
+            attn = self.cross_attn(x + pos, memory + memory_pos, memory)
             x = self.norms[1](x + self.drop(attn))
         return self.norms[-1](x + self.drop(self.ff(x)))
 
