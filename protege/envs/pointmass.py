@@ -92,7 +92,7 @@ class PointMassEnv(gym.Env):
         self.trace.append(self.pos.copy())
         dist = float(np.linalg.norm(self.goal - self.pos))
         success = dist < self.goal_tolerance
-        info = {"success": success, "route": self.route()}
+        info = {"success": success, "route": self.route(), "distance": dist}  # final distance lands in eval.json
         return self._obs(), -dist, success, self.t >= self.max_episode_steps, info
 
     def route(self) -> str:

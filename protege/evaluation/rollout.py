@@ -169,9 +169,13 @@ def evaluate(
         **joins.summary(),
         "episodes": episodes,
     }
-    for key in sorted(extra_keys):  # e.g. the point-mass 'route' -> counts per value
-        values = [str(e.get(key)) for e in episodes]
-        summary[f"{key}_counts"] = {v: values.count(v) for v in sorted(set(values))}
+    for key in sorted(extra_keys):  # e.g. the point-mass 'route' -> counts per value, 'distance' -> its mean
+        values = [e.get(key) for e in episodes]
+        if all(isinstance(v, float) for v in values):
+            summary[f"{key}_mean"] = float(np.mean(values))
+        else:
+            names = [str(v) for v in values]
+            summary[f"{key}_counts"] = {v: names.count(v) for v in sorted(set(names))}
     if video_path is not None and frames:
         summary["video"] = str(write_video(video_path, frames, fps=_render_fps(envs)))
     return summary
