@@ -168,6 +168,15 @@ class JerkLimitedInterpolator:
         except RuckigError:
             return False
 
+    def _set_stop_target(self) -> None:
+        """Set the planner's input to come to rest as fast as the limits allow (velocity interface)."""
+        from ruckig import ControlInterface
+
+        inp = self._inp
+        inp.control_interface = ControlInterface.Velocity
+        inp.target_velocity, inp.target_acceleration = np.zeros(self.n), np.zeros(self.n)
+        inp.minimum_duration = None
+
     def _advance(self) -> None:
         from ruckig import ControlInterface
 
@@ -181,9 +190,7 @@ class JerkLimitedInterpolator:
             self._holding = True
             self.counts["stale"] += 1
         if self._braking or self._holding:
-            inp.control_interface = ControlInterface.Velocity
-            inp.target_velocity, inp.target_acceleration = np.zeros(self.n), np.zeros(self.n)
-            inp.minimum_duration = None
+            self._set_stop_target()
         else:
             # arrive with the targets' velocity on time; a late next target means: stop at this one
             remaining = self._t_arrive - self.t
@@ -196,7 +203,7 @@ class JerkLimitedInterpolator:
         if not self._plan():
             # rare numerical corner case: Ruckig's step 1 fails when the commanded acceleration sits
             # exactly on its bound; 1 % more room (the official limit is still 1/scale away) solves it.
-            # Failing that: a stop at the target (always feasible). Counted either way.
+            # Failing that: a stop at the target, then a stop wherever the arm is. Counted either way.
             self.counts["planner_retries"] += 1
             inp.max_acceleration = (1.01 * self.scale * L.acceleration).tolist()
             ok = self._plan()
@@ -208,8 +215,7 @@ class JerkLimitedInterpolator:
                 # position-dependent velocity bound below the current velocity): brake on the velocity
                 # interface, which needs only the acceleration and jerk bounds; the next cycle plans
                 # toward the target again
-                inp.control_interface = ControlInterface.Velocity
-                inp.target_velocity, inp.target_acceleration = np.zeros(self.n), np.zeros(self.n)
+                self._set_stop_target()
                 ok = self._plan()
             inp.max_acceleration = (self.scale * L.acceleration).tolist()
             if not ok:
